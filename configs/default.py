@@ -1,0 +1,64 @@
+"""Default configuration; experiment configs import `get_config()` and override it."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = "cifar10"     # cifar10 | celeb_a | digits | image_folder | npz
+  config.data.image_size = 32
+  config.data.num_channels = 3
+  config.data.random_flip = True
+  config.data.path = ""               # image_folder / npz sources
+  config.data.data_dir = ""           # tensorflow-datasets data_dir ("" = default)
+
+  config.model = ml_collections.ConfigDict()
+  config.model.ch = 128
+  config.model.ch_mult = (1, 2, 2, 2)
+  config.model.num_res_blocks = 2
+  config.model.attn_resolutions = (16,)
+  config.model.dropout = 0.1
+  config.model.resamp_with_conv = True
+  config.model.dtype = "float32"      # computation dtype; bfloat16 on accelerators
+
+  config.diffusion = ml_collections.ConfigDict()
+  config.diffusion.schedule = "linear"
+  config.diffusion.num_timesteps = 1000
+
+  config.training = ml_collections.ConfigDict()
+  config.training.batch_size = 64
+  config.training.num_train_steps = 800_000
+  config.training.loss = "l1"
+  config.training.lr = 2e-4
+  config.training.warmup_steps = 5000
+  config.training.beta1 = 0.9
+  config.training.adam_eps = 1e-8
+  config.training.grad_clip = 1.0
+  config.training.ema_decay = 0.9999
+  config.training.steps_per_call = 1
+  config.training.log_every = 100
+  config.training.checkpoint_every = 5000
+  config.training.keep_checkpoints = 3
+  config.training.sample_every = 10_000
+
+  config.sampler = ml_collections.ConfigDict()
+  config.sampler.method = "f-pndm"
+  config.sampler.num_steps = 50
+  config.sampler.index = "paper"
+  config.sampler.grid = "uniform"
+  config.sampler.eta = 0.0
+  config.sampler.num_samples = 64
+  config.sampler.batch_size = 64
+  config.sampler.seed = 0
+  config.sampler.checkpoint = ""      # orbax dir, DDIM .ckpt or diffusers folder
+  config.sampler.shard_size = 1000
+  config.sampler.save_pngs = False
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.inception_weights = ""
+  config.eval.stats_file = ""
+  config.eval.batch_size = 200
+  return config
