@@ -88,7 +88,7 @@ def make_schedule(name: str, num_timesteps: int = 1000) -> Schedule:
   return Schedule(name, num_timesteps)
 
 
-def timesteps(schedule: Schedule, num_steps: int, grid: str = "uniform",
+def timesteps(num_timesteps: int, num_steps: int, grid: str = "uniform",
               index: str = "paper") -> tuple[np.ndarray, np.ndarray]:
   """The (t, t_next) pairs a sampler walks, largest t first, as float64 arrays.
 
@@ -99,7 +99,7 @@ def timesteps(schedule: Schedule, num_steps: int, grid: str = "uniform",
   """
   check_choice("grid", grid, GRIDS)
   check_choice("index convention", index, INDEX_CONVENTIONS)
-  n = schedule.num_timesteps
+  n = num_timesteps
   if not 1 <= num_steps <= n:
     raise ValueError(f"num_steps must be in [1, {n}] (the schedule's num_timesteps), "
                      f"got {num_steps}")
@@ -114,7 +114,7 @@ def timesteps(schedule: Schedule, num_steps: int, grid: str = "uniform",
     t = np.round(np.linspace(n - 1, 0, num_steps))
   t_next = np.concatenate([t[1:], [-1]])
   if index == "paper" and t[0] + 1 > n - 1:
-    raise ValueError(f"num_steps={num_steps} starts at t={int(t[0])}, where the 'paper' "
-                     f"convention reads A[{int(t[0]) + 1}], past the table of {n}; use "
-                     f"fewer steps (at most {n // 2}) or index='consistent'")
+    raise ValueError(f"num_steps={num_steps} (skip {n // num_steps}) starts at t={int(t[0])}, "
+                     f"where the 'paper' convention reads A[{int(t[0]) + 1}], past the table "
+                     f"of {n}; choose another num_steps or index='consistent'")
   return t.astype(np.float64), t_next.astype(np.float64)

@@ -1,0 +1,319 @@
+"""Samplers: parity with the reference loops, convergence, NFE, stochastic methods, errors."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pndm_jax import analytic, samplers, schedules
+
+# --- an independent float64 numpy re-implementation of the reference loops ('paper') ---
+
+
+def toy_eps(xp, x, t):
+  """A smooth, nonlinear stand-in for a network (t may be fractional)."""
+  t = t[:, None]
+  return xp.tanh(0.8 * x + 0.3 * xp.sin(t / 97.0)) * (1.0 + t / 2000.0) - 0.1 * x
+
+
+def ref_transfer(x, t, t_next, e, a_table):
+  at, an = a_table[int(t) + 1], a_table[int(t_next) + 1]  # int() truncates toward zero
+  return x + (an - at) * (x / (math.sqrt(at) * (math.sqrt(at) + math.sqrt(an)))
+                          - e / (math.sqrt(at) * (math.sqrt((1 - an) * at)
+                                                  + math.sqrt((1 - at) * an))))
+
+
+def ref_sample(method, x, a_table, num_steps):
+  n = len(a_table)
+  seq = list(range(0, n, n // num_steps))
+  seq_next = [-1] + seq[:-1]
+  eps = lambda x, t: toy_eps(np, x, np.full(x.shape[0], float(t)))
+  history = []
+  for t, t_next in zip(reversed(seq), reversed(seq_next)):
+    if method == "ddim":
+      x = ref_transfer(x, t, t_next, eps(x, t), a_table)
+    elif method == "s-pndm":
+      if history:
+        history.append(eps(x, t))
+        e = 0.5 * (3 * history[-1] - history[-2])
+      else:
+        e1 = eps(x, t)
+        history.append(e1)
+        e2 = eps(ref_transfer(x, t, t_next, e1, a_table), t_next)
+        e = 0.5 * (e1 + e2)
+      x = ref_transfer(x, t, t_next, e, a_table)
+    elif method == "f-pndm":
+      if len(history) > 2:
+        history.append(eps(x, t))
+        e = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
+      else:
+        m = (t + t_next) / 2
+        e1 = eps(x, t)
+        history.append(e1)
+        e2 = eps(ref_transfer(x, t, m, e1, a_table), m)
+        e3 = eps(ref_transfer(x, t, m, e2, a_table), m)
+        e4 = eps(ref_transfer(x, t, t_next, e3, a_table), t_next)
+        e = (e1 + 2 * e2 + 2 * e3 + e4) / 6
+      x = ref_transfer(x, t, t_next, e, a_table)
+    elif method == "fon":
+      h = t - t_next
+      delta = lambda x_eval, s: ref_transfer(x, t, t - 1, eps(x_eval, s), a_table) - x
+      if len(history) > 2:
+        history.append(delta(x, t))
+        d = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
+      else:
+        m = (t + t_next) / 2
+        d1 = delta(x, t)
+        history.append(d1)
+        d2 = delta(x + d1 * h / 2, m)
+        d3 = delta(x + d2 * h / 2, m)
+        d4 = delta(x + d3 * h, t_next)
+        d = (d1 + 2 * d2 + 2 * d3 + d4) / 6
+      x = x + d * h
+  return x
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("method", ["ddim", "s-pndm", "f-pndm", "fon"])
+@pytest.mark.parametrize("num_steps", [7, 30, 50, 100])
+def test_parity_with_reference_loops(x64, schedule_name, method, num_steps):
+  sched = schedules.make_schedule(schedule_name)
+  x_T = np.random.default_rng(num_steps).standard_normal((3, 5))
+  expected = ref_sample(method, x_T, sched.alphas_cumprod, num_steps)
+  got, _ = samplers.sample(lambda x, t: toy_eps(jnp, x, t), jnp.asarray(x_T), sched,
+                           method=method, num_steps=num_steps, index="paper")
+  assert got.dtype == jnp.float64
+  assert np.max(np.abs(np.asarray(got) - expected)) <= 1e-10 * np.max(np.abs(expected))
+
+
+def test_parity_grid_has_fractional_midpoints():
+  t, t_next = schedules.timesteps(1000, 30, "uniform", "paper")
+  assert np.any((t + t_next) % 2 == 1)  # skip 33 is odd: RK midpoints are x.5
+
+
+# --- convergence against the closed-form Gaussian solution ('consistent') ---
+
+
+def gaussian_errors(method, steps_list, schedule_name="linear"):
+  gauss = analytic.gaussian(dim=8)
+  sched = schedules.make_schedule(schedule_name)
+  x_T = jax.random.normal(jax.random.key(0), (64, 8), jnp.float64)
+  eps_fn = gauss.eps_fn(sched, "consistent")
+  errors = []
+  for s in steps_list:
+    a_start, a_end = analytic.ode_endpoints(sched, s, "uniform", "consistent")
+    x0, _ = samplers.sample(eps_fn, x_T, sched, method=method, num_steps=s,
+                            index="consistent")
+    exact = gauss.exact_solution(x_T, a_start, a_end)
+    errors.append(float(jnp.median(jnp.linalg.norm(x0 - exact, axis=-1))))
+  return np.array(errors)
+
+
+def fitted_order(steps_list, errors):
+  return -np.polyfit(np.log(steps_list), np.log(errors), 1)[0]
+
+
+STEPS = [20, 50, 100, 200]
+
+
+@pytest.mark.parametrize("method, min_order", [("ddim", 0.8), ("s-pndm", 1.5)])
+def test_convergence_order_on_gaussian(x64, method, min_order):
+  errors = gaussian_errors(method, STEPS)
+  assert np.all(np.diff(errors) < 0), errors
+  assert fitted_order(STEPS, errors) >= min_order
+
+
+@pytest.mark.parametrize("method", ["f-pndm", "pseudo-rk4", "pseudo-heun", "pseudo-lms3-rk4",
+                                    "pseudo-lms4-ramp"])
+def test_every_pseudo_method_converges(x64, method):
+  errors = gaussian_errors(method, [10, 40, 160], "cosine")
+  assert np.all(np.diff(errors) < 0), errors
+
+
+def test_fpndm_50_steps_beats_ddim_500_steps(x64):
+  assert gaussian_errors("f-pndm", [50])[0] < gaussian_errors("ddim", [500])[0]
+
+
+def test_reference_solution_matches_closed_form(x64):
+  gauss = analytic.gaussian(dim=8)
+  x_T = jax.random.normal(jax.random.key(3), (16, 8), jnp.float64)
+  for a_start, a_end in [(4e-5, 1.0), (0.02, 0.9999)]:
+    exact = gauss.exact_solution(x_T, a_start, a_end)
+    ref = gauss.reference_solution(x_T, a_start, a_end)
+    assert np.max(np.abs(ref - exact)) < 1e-8
+
+
+# --- NFE ---
+
+
+NFE_CASES = [("ddim", 10, 10), ("s-pndm", 10, 11), ("f-pndm", 10, 19), ("fon", 10, 19),
+             ("f-pndm", 30, 40), ("ddpm", 10, 10), ("classical-heun", 5, 10),
+             ("pseudo-rk4", 5, 20), ("pseudo-lms3-heun", 8, 10), ("pseudo-lms4-ramp", 8, 8),
+             ("pseudo-lms2-euler", 8, 8), ("ddim", 6, 7)]  # S=6: skip 166, 7 steps
+
+
+@pytest.mark.parametrize("method, num_steps, expected", NFE_CASES)
+def test_nfe_counts_actual_calls(method, num_steps, expected):
+  calls = []
+
+  def counting_eps(x, t):
+    calls.append(t)
+    return 0.1 * x
+
+  sched = schedules.make_schedule("linear")
+  assert samplers.nfe(method, num_steps) == expected
+  with jax.disable_jit():  # an eager run: scan executes its body once per step
+    _, info = samplers.sample(counting_eps, jnp.ones((2, 3)), sched, method=method,
+                              num_steps=num_steps, rng=jax.random.key(0))
+  assert info["nfe"] == len(calls) == expected
+
+
+def test_nfe_matches_paper_presets():
+  assert samplers.nfe("f-pndm", 50) == 59
+  assert samplers.nfe("s-pndm", 50) == 51
+  assert samplers.nfe("ddim", 50) == 50
+  assert samplers.nfe("pf", 50) is None
+
+
+def count_executions(method, x_T, sched, **kwargs):
+  """Runs the jitted sampler with a host callback in eps_fn; returns (nfe, calls made)."""
+  calls = []
+
+  def eps_fn(x, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return 0.5 * x
+
+  run = jax.jit(lambda x: samplers.sample(eps_fn, x, sched, method=method, **kwargs)[1])
+  info = jax.block_until_ready(run(x_T))
+  return int(info["nfe"]), len(calls)
+
+
+@pytest.mark.parametrize("method", ["f-pndm", "pf"])
+def test_jitted_nfe_counts_executions(method):
+  reported, made = count_executions(method, jnp.ones((2, 4)), schedules.make_schedule("linear"),
+                                    num_steps=20)
+  assert reported == made > 0
+
+
+# --- compiled behaviour ---
+
+
+def test_jit_with_static_arguments_and_dtypes():
+  sched = schedules.make_schedule("cosine")
+  eps_fn = analytic.gaussian(4).eps_fn(sched, "paper")
+  run = jax.jit(samplers.sample, static_argnames=("eps_fn", "schedule", "method",
+                                                  "num_steps", "index", "grid"))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    x_T = jax.random.normal(jax.random.key(0), (4, 4), dtype)
+    x0, info = run(eps_fn, x_T, sched, method="f-pndm", num_steps=20)
+    eager, _ = samplers.sample(eps_fn, x_T, sched, method="f-pndm", num_steps=20)
+    assert x0.dtype == dtype and info["nfe"] == 29
+    assert np.allclose(np.asarray(x0, np.float32), np.asarray(eager, np.float32), atol=1e-2)
+
+
+def test_compiled_program_does_not_grow_with_steps():
+  sched = schedules.make_schedule("linear")
+  eps_fn = lambda x, t: jnp.tanh(x) * t[:, None] / 1000
+
+  def model_calls_in_program(num_steps):
+    fn = lambda x: samplers.sample(eps_fn, x, sched, method="f-pndm", num_steps=num_steps)[0]
+    return jax.jit(fn).lower(jnp.ones((2, 3))).as_text().count("tanh")
+
+  assert model_calls_in_program(200) == model_calls_in_program(20) == 4 + 1  # RK4 + PLMS
+
+
+def test_eps_fn_sees_batch_timesteps_with_fractional_midpoints():
+  seen = []
+  sched = schedules.make_schedule("linear")
+  with jax.disable_jit():
+    samplers.sample(lambda x, t: seen.append(np.asarray(t)) or 0 * x, jnp.ones((3, 2)),
+                    sched, method="f-pndm", num_steps=30)
+  assert all(t.shape == (3,) for t in seen)
+  assert [float(t[0]) for t in seen[:4]] == [990.0, 973.5, 973.5, 957.0]
+
+
+# --- stochastic methods ---
+
+
+def test_stochastic_methods_are_reproducible_from_the_key():
+  sched = schedules.make_schedule("linear")
+  eps_fn = analytic.gaussian(4).eps_fn(sched, "paper")
+  x_T = jnp.ones((3, 4))
+  for method, eta in [("ddpm", 0.0), ("ddim", 0.5)]:
+    run = lambda key: samplers.sample(eps_fn, x_T, sched, method=method, num_steps=20,
+                                      rng=key, eta=eta)[0]
+    a, b, c = run(jax.random.key(7)), run(jax.random.key(7)), run(jax.random.key(8))
+    assert np.array_equal(a, b) and not np.allclose(a, c)
+
+
+def test_per_image_keys_make_noise_independent_of_the_batch():
+  sched = schedules.make_schedule("linear")
+  eps_fn = analytic.gaussian(4).eps_fn(sched, "paper")
+  keys = jax.random.split(jax.random.key(0), 6)
+  x_T = jax.random.normal(jax.random.key(1), (6, 4))
+  run = lambda x, k: samplers.sample(eps_fn, x, sched, method="ddpm", num_steps=10, rng=k)[0]
+  full = run(x_T, keys)
+  assert np.allclose(run(x_T[2:5], keys[2:5]), full[2:5], atol=1e-6)
+
+
+def test_ddpm_1000_steps_matches_data_moments(x64):
+  gauss = analytic.gaussian(dim=8)
+  sched = schedules.make_schedule("linear")
+  n = 4000
+  x_T = jax.random.normal(jax.random.key(0), (n, 8), jnp.float64)
+  x0, info = samplers.sample(gauss.eps_fn(sched, "consistent"), x_T, sched, method="ddpm",
+                             num_steps=1000, index="consistent", rng=jax.random.key(1))
+  assert info["nfe"] == 1000
+  mean_z = (np.mean(x0, 0) - gauss.means[0]) / (gauss.stds[0] / math.sqrt(n))
+  var = gauss.stds[0] ** 2
+  var_z = (np.var(x0, 0) - var) / (var * math.sqrt(2 / n))
+  assert np.max(np.abs(mean_z)) < 4.5 and np.max(np.abs(var_z)) < 4.5
+
+
+def test_ddim_eta_zero_equals_deterministic_ddim(x64):
+  sched = schedules.make_schedule("linear")
+  eps_fn = analytic.gaussian(4).eps_fn(sched, "consistent")
+  x_T = jax.random.normal(jax.random.key(0), (5, 4), jnp.float64)
+  det, _ = samplers.sample(eps_fn, x_T, sched, method="ddim", num_steps=25, index="consistent")
+  sto, _ = samplers.sample(eps_fn, x_T, sched, method=samplers.Ancestral(eta=0.0),
+                           num_steps=25, index="consistent", rng=jax.random.key(0))
+  assert np.allclose(det, sto, rtol=1e-10, atol=1e-12)
+
+
+# --- bad input ---
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(method="dpm-solver"), "valid choices: ddpm, ddim, s-pndm, f-pndm, fon, pf"),
+    (dict(method="pseudo-rk5"), "euler, heun, rk4, lms2, lms3, lms4"),
+    (dict(method="pseudo-lms3"), "needs a warmup"),
+    (dict(method="f-pndm", index="shifted"), "paper, consistent"),
+    (dict(method="f-pndm", grid="log"), "uniform, linspace"),
+    (dict(method="ddim", num_steps=0), "num_steps must be in"),
+    (dict(method="ddim", num_steps=1001), "num_steps must be in"),
+    (dict(method="ddim", num_steps=1000), "A\\[1000\\]"),
+    (dict(method="f-pndm", num_steps=3), "at least 4 steps"),
+    (dict(method="fon", num_steps=2), "at least 4 steps"),
+    (dict(method="ddpm", num_steps=10), "stochastic"),
+    (dict(method="f-pndm", eta=0.5), "applies to method 'ddim' only"),
+])
+def test_bad_input_raises_clear_errors(kwargs, match):
+  sched = schedules.make_schedule("linear")
+  kwargs = {"num_steps": 10, **kwargs}
+  with pytest.raises(ValueError, match=match):
+    samplers.sample(lambda x, t: x, jnp.ones((1, 2)), sched, **kwargs)
+
+
+def test_nfe_rejects_what_sample_rejects():
+  with pytest.raises(ValueError, match="at least 4 steps"):
+    samplers.nfe("f-pndm", 3)
+  with pytest.raises(ValueError, match="valid choices"):
+    samplers.nfe("pndm", 50)
+
+
+def test_pf_needs_the_linear_schedule():
+  with pytest.raises(ValueError, match="'linear' schedule"):
+    samplers.sample(lambda x, t: x, jnp.ones((1, 2)), schedules.make_schedule("cosine"),
+                    method="pf")
