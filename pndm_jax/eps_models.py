@@ -1,0 +1,96 @@
+"""The eps-prediction model a run samples from: a network with its weights, or an analytic one.
+
+Resolution order for networks: `config.sampler.checkpoint` (a converted/shipped
+params directory, a training workdir or its checkpoints, a DDIM `.ckpt` or a
+diffusers folder, converted on the fly), else the workdir's own training
+checkpoints. Analytic models need no weights at all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any, Callable
+
+import jax
+import ml_collections
+import numpy as np
+
+from pndm_jax import analytic, convert, models, schedules, train
+
+MODEL_NAMES = ("unet", "digits_gmm")
+CONVERTED_DIR = "converted"  # where `main.py --mode=convert` writes into the workdir
+
+
+class MissingCheckpointError(FileNotFoundError):
+  """No weights to sample from; the message says how to get them."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsModel:
+  """apply(params, x, t) -> eps (pure, jittable), its params and one image's HWC shape."""
+
+  apply: Callable[[Any, jax.Array, jax.Array], jax.Array]
+  params: Any
+  image_shape: tuple[int, int, int]
+
+
+def digits_gmm(std: float) -> analytic.GaussianMixture:
+  """A mixture of the ten class-mean 8x8 digits (scikit-learn's data) in [-1, 1]."""
+  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
+  digits = load_digits()
+  means = np.stack([digits.data[digits.target == k].mean(0) for k in range(10)])
+  means = means / 16.0 * 2.0 - 1.0
+  return analytic.GaussianMixture(np.full(10, 0.1), means, np.full_like(means, std))
+
+
+def _network(model: models.UNet, params: Any) -> EpsModel:
+  apply = lambda p, x, t: models.eps_fn(model, p)(x, t)
+  shape = (model.image_size, model.image_size, model.in_channels)
+  return EpsModel(apply, params, shape)
+
+
+def _missing(workdir: str) -> MissingCheckpointError:
+  return MissingCheckpointError(
+      f"no model to sample from: config.sampler.checkpoint is empty and {workdir!r} has "
+      f"neither training checkpoints nor a converted model. Either train one:\n"
+      f"  python main.py --config=<train config> --mode=train --workdir={workdir}\n"
+      f"or convert downloaded PyTorch weights (a DDIM .ckpt or a diffusers UNet2DModel "
+      f"folder) and point the sampler at them:\n"
+      f"  python main.py --config=<this config> --mode=convert "
+      f"--config.sampler.checkpoint=PATH --workdir={workdir}\n"
+      f"  (or sample straight from PATH with --config.sampler.checkpoint=PATH)")
+
+
+def check_model_name(name: str) -> str:
+  return schedules.check_choice("model", name, MODEL_NAMES)
+
+
+def load(config: ml_collections.ConfigDict, workdir: str) -> EpsModel:
+  """The EpsModel named by `config.model.name`, with weights resolved as described above."""
+  if check_model_name(config.model.name) == "digits_gmm":
+    schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+    eps_fn = digits_gmm(config.model.gmm_std).eps_fn(schedule, config.sampler.index)
+    return EpsModel(lambda p, x, t: eps_fn(x, t), {}, (8, 8, 1))
+
+  expected = models.unet_from_config(config.model, config.data.image_size,
+                                     config.data.num_channels)
+  path = config.sampler.checkpoint or _workdir_checkpoint(workdir)
+  if path is None:
+    raise _missing(workdir)
+  if _is_training_run(path):
+    return _network(expected, train.load_ema_params(path))
+  return _network(*convert.load_checkpoint(path, expected))
+
+
+def _is_training_run(path: str) -> bool:
+  return (os.path.isdir(os.path.join(path, train.CHECKPOINT_DIR))
+          or os.path.basename(os.path.normpath(path)) == train.CHECKPOINT_DIR)
+
+
+def _workdir_checkpoint(workdir: str) -> str | None:
+  """`--mode=convert`'s output in the workdir, else the workdir's training run, else None."""
+  converted = os.path.join(workdir, CONVERTED_DIR)
+  if os.path.isdir(converted):
+    return converted
+  return workdir if _is_training_run(workdir) else None
