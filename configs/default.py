@@ -14,8 +14,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.random_flip = True
   config.data.path = ""               # image_folder / npz sources
   config.data.data_dir = ""           # tensorflow-datasets data_dir ("" = default)
+  config.data.npz_key = ""            # npz source: array name ("" = the file's only array)
+  config.data.digits_fit = "resize"   # digits at image_size > 8: resize | pad
 
   config.model = ml_collections.ConfigDict()
+  config.model.name = "unet"          # unet | digits_gmm (analytic, no weights)
+  config.model.gmm_std = 0.15         # digits_gmm: per-pixel std of each component
   config.model.ch = 128
   config.model.ch_mult = (1, 2, 2, 2)
   config.model.num_res_blocks = 2
@@ -35,6 +39,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.lr = 2e-4
   config.training.warmup_steps = 5000
   config.training.beta1 = 0.9
+  config.training.beta2 = 0.999
   config.training.adam_eps = 1e-8
   config.training.grad_clip = 1.0
   config.training.ema_decay = 0.9999
@@ -42,7 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.log_every = 100
   config.training.checkpoint_every = 5000
   config.training.keep_checkpoints = 3
-  config.training.sample_every = 10_000
+  config.training.restore_fallback = False  # unreadable latest checkpoint: error, or use the previous
+  config.training.sample_every = 10_000     # sample grid PNG from the EMA params (0 = never)
+  config.training.num_grid_samples = 64
 
   config.sampler = ml_collections.ConfigDict()
   config.sampler.method = "f-pndm"
