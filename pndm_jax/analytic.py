@@ -46,15 +46,24 @@ class GaussianMixture:
     z = jax.random.normal(k_noise, (num, self.dim), dtype)
     return jnp.asarray(self.means, dtype)[comp] + jnp.asarray(self.stds, dtype)[comp] * z
 
-  def eps_y(self, y: jax.Array, sigma: jax.Array) -> jax.Array:
-    """E[z | y = x0 + sigma z]; y [B, D], sigma [B] (or scalar)."""
+  def _components(self, y: jax.Array, sigma: jax.Array):
+    """Per-component log N(y; mean_k, s_k^2 + sigma^2) [B, K], y - mean_k and variances."""
     dtype = y.dtype
     sigma = jnp.broadcast_to(jnp.asarray(sigma, dtype), y.shape[:1])[:, None, None]
-    means = jnp.asarray(self.means, dtype)[None]
     var = jnp.asarray(self.stds, dtype)[None] ** 2 + sigma**2  # [B, K, D]
-    diff = y[:, None, :] - means
-    log_prob = -0.5 * jnp.sum(diff**2 / var + jnp.log(var), axis=-1)
-    resp = jax.nn.softmax(log_prob + jnp.log(jnp.asarray(self.weights, dtype)), axis=-1)
+    diff = y[:, None, :] - jnp.asarray(self.means, dtype)[None]
+    log_prob = -0.5 * jnp.sum(diff**2 / var + jnp.log(2 * jnp.pi * var), axis=-1)
+    return log_prob + jnp.log(jnp.asarray(self.weights, dtype)), diff, var, sigma
+
+  def log_density_y(self, y: jax.Array, sigma: jax.Array) -> jax.Array:
+    """log p(y) for y = x0 + sigma z, i.e. the noised data in the ODE's variable; [B]."""
+    log_prob, _, _, _ = self._components(y, sigma)
+    return jax.nn.logsumexp(log_prob, axis=-1)
+
+  def eps_y(self, y: jax.Array, sigma: jax.Array) -> jax.Array:
+    """E[z | y = x0 + sigma z]; y [B, D], sigma [B] (or scalar)."""
+    log_prob, diff, var, sigma = self._components(y, sigma)
+    resp = jax.nn.softmax(log_prob, axis=-1)
     return sigma[:, 0] * jnp.einsum("bk,bkd->bd", resp, diff / var)
 
   def eps_fn(self, schedule: schedules.Schedule, index: str) -> Callable:
