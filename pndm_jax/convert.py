@@ -1,0 +1,539 @@
+"""PyTorch U-Net checkpoints -> Flax params, and the orbax checkpoints the samplers load.
+
+Reads (a) DDIM-repository state_dicts (`.ckpt`: plain or EMA, optional `module.` prefix; a list
+checkpoint `[state_dict, optimizer, ...]` takes one entry) and (b) diffusers `UNet2DModel`
+folders (`config.json` + `diffusion_pytorch_model.safetensors` or `.bin`). Both are mapped onto
+`pndm_jax.models.UNet` through one key table (`_MODULES`/`_LAYERS`), used in both directions.
+Any unknown, missing or mis-shaped key is a `ConversionError` listing them: nothing is dropped.
+
+safetensors are read with `safetensors.numpy`; torch is imported only for `.ckpt`/`.bin` pickles.
+
+Public API:
+  read_pytorch(src, expected=None, image_size=None, list_entry=0) -> (UNet, params)
+  convert_checkpoint(src, dst, expected=None, image_size=None, list_entry=0) -> UNet
+  save_params(path, model, params); load_params(path, dtype=None) -> (UNet, params)
+  load_checkpoint(path, expected=None, image_size=None, list_entry=0) -> (UNet, params)  # any
+  from_state_dict(state_dict, model, layout) -> params; to_state_dict(params, model, layout)
+  state_dict_shapes(model, layout) -> {key: shape}; abstract_params(model) -> ShapeDtypeStruct tree
+`params` is always the Flax "params" collection (what `model.apply({"params": params}, ...)` takes).
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import flax.traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from safetensors.numpy import load_file as load_safetensors
+
+from pndm_jax.models.unet import UNet
+
+LAYOUTS = ("ddim", "diffusers")
+
+# The key table. Modules: (flax module, DDIM module, diffusers module); {i} is the resolution level
+# and {j} the block. diffusers numbers its up blocks in the order they run (lowest resolution
+# first), so there {u} = levels - 1 - i.
+_MODULES = (
+    ("temb_dense0", "temb.dense.0", "time_embedding.linear_1"),
+    ("temb_dense1", "temb.dense.1", "time_embedding.linear_2"),
+    ("conv_in", "conv_in", "conv_in"),
+    ("down_{i}_block_{j}", "down.{i}.block.{j}", "down_blocks.{i}.resnets.{j}"),
+    ("down_{i}_attn_{j}", "down.{i}.attn.{j}", "down_blocks.{i}.attentions.{j}"),
+    ("down_{i}_downsample", "down.{i}.downsample", "down_blocks.{i}.downsamplers.0"),
+    ("mid_block_1", "mid.block_1", "mid_block.resnets.0"),
+    ("mid_attn_1", "mid.attn_1", "mid_block.attentions.0"),
+    ("mid_block_2", "mid.block_2", "mid_block.resnets.1"),
+    ("up_{i}_block_{j}", "up.{i}.block.{j}", "up_blocks.{u}.resnets.{j}"),
+    ("up_{i}_attn_{j}", "up.{i}.attn.{j}", "up_blocks.{u}.attentions.{j}"),
+    ("up_{i}_upsample", "up.{i}.upsample", "up_blocks.{u}.upsamplers.0"),
+    ("norm_out", "norm_out", "conv_norm_out"),
+    ("conv_out", "conv_out", "conv_out"),
+)
+# Layers inside those modules: (flax, DDIM, diffusers).
+_LAYERS = (
+    ("norm1", "norm1", "norm1"), ("conv1", "conv1", "conv1"),
+    ("temb_proj", "temb_proj", "time_emb_proj"),
+    ("norm2", "norm2", "norm2"), ("conv2", "conv2", "conv2"),
+    ("nin_shortcut", "nin_shortcut", "conv_shortcut"),
+    ("norm", "norm", "group_norm"), ("q", "q", "to_q"), ("k", "k", "to_k"), ("v", "v", "to_v"),
+    ("proj_out", "proj_out", "to_out.0"),
+    ("conv", "conv", "conv"),
+)
+_LEAVES = {"kernel": "weight", "scale": "weight", "bias": "bias"}
+# Attention projections are Dense in Flax and diffusers but 1x1 convs in the DDIM repository.
+_DDIM_CONV1X1 = frozenset({"q", "k", "v", "proj_out"})
+# Older diffusers weights (e.g. the hub's ddpm-* models) name the attention layers like this.
+_DIFFUSERS_OLD_ATTN = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+# diffusers UNet2DModel settings that the DDIM network fixes: key -> (required, diffusers default).
+_DIFFUSERS_FIXED = {
+    "act_fn": ("silu", "silu"),
+    "add_attention": (True, True),
+    "attention_head_dim": (None, 8),
+    "attn_norm_num_groups": (None, None),
+    "center_input_sample": (False, False),
+    "class_embed_type": (None, None),
+    "num_class_embeds": (None, None),
+    "downsample_padding": (0, 1),
+    "downsample_type": ("conv", "conv"),
+    "upsample_type": ("conv", "conv"),
+    "flip_sin_to_cos": (False, True),
+    "freq_shift": (1, 0),
+    "mid_block_scale_factor": (1, 1),
+    "mid_block_type": ("UNetMidBlock2D", "UNetMidBlock2D"),
+    "norm_eps": (1e-6, 1e-5),
+    "norm_num_groups": (32, 32),
+    "resnet_time_scale_shift": ("default", "default"),
+    "time_embedding_dim": (None, None),
+    "time_embedding_type": ("positional", "positional"),
+}
+# The UNet fields a checkpoint determines (dropout and dtype it does not).
+_ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resamp_with_conv",
+                "in_channels", "out_channels", "image_size")
+_MODEL_JSON = "model.json"
+_FORMAT = "pndm_jax.unet.params/1"
+_MAX_LISTED = 40
+
+
+class ConversionError(ValueError):
+  """A checkpoint that cannot be read, or does not fit the network."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One parameter: its Flax path, its key in a PyTorch layout, and how the tensor is laid out."""
+  flax_path: tuple[str, ...]
+  key: str
+  kind: str  # "conv" (OIHW <-> HWIO), "dense" (OI <-> IO), "conv1x1" (OI11 <-> IO), "vector"
+  flax_shape: tuple[int, ...]
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+  return re.compile(template.format(i=r"(?P<i>\d+)", j=r"(?P<j>\d+)"))
+
+
+_MODULE_RES = tuple((_template_regex(f), d, h) for f, d, h in _MODULES)
+_LAYER_NAMES = {f: (d, h) for f, d, h in _LAYERS}
+
+
+def _torch_module(flax_module: str, layout: str, levels: int) -> str:
+  for regex, ddim, diffusers in _MODULE_RES:
+    m = regex.fullmatch(flax_module)
+    if m:
+      idx = {k: int(v) for k, v in m.groupdict().items()}
+      if "i" in idx:
+        idx["u"] = levels - 1 - idx["i"]
+      return (ddim if layout == "ddim" else diffusers).format(**idx)
+  raise KeyError(f"no key-table entry for Flax module {flax_module!r}")
+
+
+def _check_layout(layout: str) -> None:
+  if layout not in LAYOUTS:
+    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+@functools.lru_cache(maxsize=16)
+def _traced_params(model: UNet) -> Any:
+  x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
+  t = jax.ShapeDtypeStruct((1,), jnp.float32)
+  return jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), x, t)["params"]
+
+
+def abstract_params(model: UNet) -> Any:
+  """The "params" tree of `model` as ShapeDtypeStructs (no allocation; the trace is cached)."""
+  return jax.tree.map(lambda s: s, _traced_params(model))  # fresh containers
+
+
+def _entries(model: UNet, layout: str) -> list[_Entry]:
+  """The key table expanded over every parameter of `model`, for one PyTorch layout."""
+  _check_layout(layout)
+  col = LAYOUTS.index(layout)
+  levels = len(model.ch_mult)
+  entries = []
+  for path, leaf in flax.traverse_util.flatten_dict(abstract_params(model)).items():
+    *modules, name = path
+    parts = [_torch_module(modules[0], layout, levels)]
+    parts += [_LAYER_NAMES[m][col] for m in modules[1:]]
+    shape = tuple(leaf.shape)
+    if len(shape) == 4:
+      kind = "conv"
+    elif len(shape) == 2:
+      kind = "conv1x1" if layout == "ddim" and modules[-1] in _DDIM_CONV1X1 else "dense"
+    else:
+      kind = "vector"
+    entries.append(_Entry(path, ".".join(parts + [_LEAVES[name]]), kind, shape))
+  return entries
+
+
+def _torch_shape(entry: _Entry) -> tuple[int, ...]:
+  s = entry.flax_shape
+  return {"conv": lambda: (s[3], s[2], s[0], s[1]), "dense": lambda: (s[1], s[0]),
+          "conv1x1": lambda: (s[1], s[0], 1, 1), "vector": lambda: s}[entry.kind]()
+
+
+def _to_flax(w: np.ndarray, kind: str) -> np.ndarray:
+  if kind == "conv":
+    return w.transpose(2, 3, 1, 0)
+  if kind == "conv1x1":
+    return w[:, :, 0, 0].T
+  return w.T if kind == "dense" else w
+
+
+def _to_torch(w: np.ndarray, kind: str) -> np.ndarray:
+  if kind == "conv":
+    return w.transpose(3, 2, 0, 1)
+  if kind == "conv1x1":
+    return w.T[:, :, None, None]
+  return w.T if kind == "dense" else w
+
+
+def state_dict_shapes(model: UNet, layout: str) -> dict[str, tuple[int, ...]]:
+  """The exact keys and PyTorch shapes a `layout` state_dict for `model` holds."""
+  return {e.key: _torch_shape(e) for e in _entries(model, layout)}
+
+
+def _listing(title: str, items: list[str]) -> str:
+  shown = "\n    ".join(items[:_MAX_LISTED])
+  more = f"\n    ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
+  return f"  {title} ({len(items)}):\n    {shown}{more}"
+
+
+def _rename_old_attention(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+  """Maps the deprecated diffusers attention names onto the current ones."""
+  out: dict[str, Any] = {}
+  for key, value in state_dict.items():
+    m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", key)
+    new = f"{m[1]}.{_DIFFUSERS_OLD_ATTN[m[2]]}.{m[3]}" if m else key
+    if new in out:
+      raise ConversionError(f"both {key} and an equivalent of it ({new}) are in the checkpoint")
+    out[new] = value
+  return out
+
+
+def from_state_dict(state_dict: Mapping[str, Any], model: UNet, layout: str) -> Any:
+  """Flax params of `model` from a `layout` state_dict of numpy-convertible arrays.
+
+  Raises ConversionError listing every missing, unexpected and mis-shaped key.
+  """
+  entries = _entries(model, layout)
+  if layout == "diffusers":
+    state_dict = _rename_old_attention(state_dict)
+  expected = {e.key: e for e in entries}
+  missing = sorted(expected.keys() - state_dict.keys())
+  unexpected = sorted(state_dict.keys() - expected.keys())
+  misshaped = sorted(
+      f"{k}: {tuple(np.shape(state_dict[k]))}, expected {_torch_shape(e)}"
+      for k, e in expected.items()
+      if k in state_dict and tuple(np.shape(state_dict[k])) != _torch_shape(e))
+  if missing or unexpected or misshaped:
+    parts = [_listing(title, items) for title, items in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("mis-shaped keys", misshaped)) if items]
+    raise ConversionError(f"the {layout} state_dict does not match the network {_arch(model)}:\n"
+                          + "\n".join(parts))
+  flat = {e.flax_path: _to_flax(np.asarray(state_dict[e.key], np.float32), e.kind)
+          for e in entries}
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def to_state_dict(params: Any, model: UNet, layout: str) -> dict[str, np.ndarray]:
+  """The `layout` state_dict (numpy, PyTorch shapes) of Flax params; inverse of from_state_dict."""
+  flat = flax.traverse_util.flatten_dict(params)
+  return {e.key: _to_torch(np.asarray(flat[e.flax_path], np.float32), e.kind)
+          for e in _entries(model, layout)}
+
+
+def _arch(model: UNet) -> dict[str, Any]:
+  return {f: getattr(model, f) for f in _ARCH_FIELDS}
+
+
+def _attn_levels(model: UNet) -> tuple[int, ...]:
+  """The levels with attention (what `attn_resolutions` effectively selects)."""
+  return tuple(i for i in range(len(model.ch_mult))
+               if model.image_size // 2 ** i in model.attn_resolutions)
+
+
+def _check_image_size(image_size: int, levels: int) -> None:
+  if image_size <= 0 or image_size % 2 ** (levels - 1):
+    raise ConversionError(f"image_size {image_size} is not a positive multiple of "
+                          f"2**{levels - 1} for a {levels}-level network")
+
+
+def _infer_ddim(sd: Mapping[str, np.ndarray], image_size: int | None) -> dict[str, Any]:
+  """UNet fields read off a DDIM-layout state_dict (image_size decides the attention levels)."""
+  if image_size is None:
+    raise ConversionError("a DDIM .ckpt does not record the image size: pass image_size "
+                          "(or an expected network)")
+
+  def get(key: str) -> np.ndarray:
+    if key not in sd:
+      raise ConversionError(f"cannot infer the architecture: no {key!r} in the state_dict "
+                            f"(is this a DDIM-layout checkpoint? its first keys: {sorted(sd)[:8]})")
+    return sd[key]
+
+  ch, in_ch = get("conv_in.weight").shape[:2]
+  levels = 1 + max((int(m[1]) for k in sd if (m := re.match(r"down\.(\d+)\.", k))), default=-1)
+  if levels == 0:
+    raise ConversionError("cannot infer the architecture: no down.{i}.* keys in the state_dict "
+                          "(a diffusers model is read from its folder, with config.json)")
+  _check_image_size(image_size, levels)
+  num_res_blocks = len({m[1] for k in sd if (m := re.match(r"down\.0\.block\.(\d+)\.", k))})
+  ch_mult = []
+  for i in range(levels):
+    out = get(f"down.{i}.block.0.conv1.weight").shape[0]
+    if out % ch:
+      raise ConversionError(f"down.{i} has {out} channels, not a multiple of ch={ch}")
+    ch_mult.append(out // ch)
+  attn = tuple(image_size // 2 ** i for i in range(levels) if f"down.{i}.attn.0.q.weight" in sd)
+  with_conv = levels == 1 or "down.0.downsample.conv.weight" in sd
+  return dict(ch=int(ch), ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks,
+              attn_resolutions=attn, resamp_with_conv=with_conv, in_channels=int(in_ch),
+              out_channels=int(get("conv_out.weight").shape[0]), image_size=int(image_size))
+
+
+def _diffusers_fields(config: Mapping[str, Any]) -> dict[str, Any]:
+  """UNet fields of a diffusers UNet2DModel config; an error lists what the DDIM net lacks."""
+  problems = [f"{k}={config.get(k, default)!r} (needs {req!r})"
+              for k, (req, default) in _DIFFUSERS_FIXED.items() if config.get(k, default) != req]
+  if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
+    problems.append(f"_class_name={config['_class_name']!r} (needs 'UNet2DModel')")
+  try:
+    boc = [int(c) for c in config["block_out_channels"]]
+    down, up = list(config["down_block_types"]), list(config["up_block_types"])
+    size, nrb = config["sample_size"], int(config["layers_per_block"])
+  except (KeyError, TypeError, ValueError) as e:
+    raise ConversionError(f"diffusers config lacks a usable {e}") from e
+  if isinstance(size, (list, tuple)):
+    if len(set(size)) != 1:
+      problems.append(f"sample_size={size} (needs a square image)")
+    size = size[0]
+  if any(c % boc[0] for c in boc):
+    problems.append(f"block_out_channels={boc} (needs multiples of the first)")
+  if len(down) != len(boc) or len(up) != len(boc):
+    problems.append("down_block_types/up_block_types/block_out_channels differ in length")
+  bad_types = [b for b in down if b not in ("DownBlock2D", "AttnDownBlock2D")]
+  bad_types += [b for b in up if b not in ("UpBlock2D", "AttnUpBlock2D")]
+  if bad_types:
+    problems.append(f"block types {bad_types} (needs (Attn)DownBlock2D/(Attn)UpBlock2D)")
+  attn_down = [b.startswith("Attn") for b in down]
+  if attn_down != [b.startswith("Attn") for b in reversed(up)]:
+    problems.append(f"attention in down blocks {down} and up blocks {up} does not mirror")
+  if problems:
+    raise ConversionError("the diffusers UNet2DModel is not a DDPM/DDIM U-Net:\n  "
+                          + "\n  ".join(problems))
+  _check_image_size(int(size), len(boc))
+  return dict(ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc), num_res_blocks=nrb,
+              attn_resolutions=tuple(int(size) // 2 ** i for i, a in enumerate(attn_down) if a),
+              resamp_with_conv=True, in_channels=int(config.get("in_channels", 3)),
+              out_channels=int(config.get("out_channels", 3)), image_size=int(size))
+
+
+def _reconcile(fields: dict[str, Any], dropout: float | None, expected: UNet | None,
+               image_size: int | None, src: str) -> UNet:
+  """The network of a checkpoint, checked against the expected one (which gives dropout/dtype)."""
+  found = UNet(**fields, **({} if dropout is None else {"dropout": dropout}))
+  if image_size is not None and image_size != found.image_size:
+    raise ConversionError(f"{src} is for {found.image_size}x{found.image_size} images, "
+                          f"not {image_size}")
+  if expected is None:
+    return found
+  got, want = _arch(found), _arch(expected)
+  got["attn_resolutions"], want["attn_resolutions"] = (
+      tuple(m.image_size // 2 ** i for i in _attn_levels(m)) for m in (found, expected))
+  diff = [f"{k}: checkpoint {got[k]!r}, expected {want[k]!r}" for k in got if got[k] != want[k]]
+  if diff:
+    raise ConversionError(f"{src} holds a different architecture than expected:\n  "
+                          + "\n  ".join(diff))
+  return expected
+
+
+def _import_torch() -> Any:
+  try:
+    import torch  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ConversionError("reading PyTorch pickles (.ckpt/.bin) needs torch: "
+                          "pip install torch==2.13.0 (safetensors need no torch)") from e
+  return torch
+
+
+def _torch_state_dict(obj: Any, src: str) -> dict[str, np.ndarray]:
+  """float32 numpy arrays of a state_dict of tensors; any other value is an error."""
+  torch = _import_torch()
+  if not isinstance(obj, Mapping):
+    raise ConversionError(f"{src} holds a {type(obj).__name__}, not a state_dict")
+  bad = sorted(k for k, v in obj.items()
+               if not (isinstance(v, torch.Tensor) and v.is_floating_point()))
+  if bad:
+    raise ConversionError(f"{src}: entries that are not floating-point tensors:\n"
+                          + _listing("keys", bad))
+  return {k: v.detach().cpu().to(torch.float32).numpy() for k, v in obj.items()}
+
+
+def _torch_load(path: str) -> Any:
+  torch = _import_torch()
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except Exception as e:  # corrupt, truncated or foreign files fail in many ways
+    raise ConversionError(f"cannot read the PyTorch checkpoint {path}: {e}") from e
+
+
+def _read_ddim(path: str, list_entry: int) -> dict[str, np.ndarray]:
+  obj = _torch_load(path)
+  if isinstance(obj, (list, tuple)):
+    if not -len(obj) <= list_entry < len(obj):
+      raise ConversionError(f"{path} is a list of {len(obj)} entries; no entry {list_entry}")
+    obj = obj[list_entry]
+  sd = _torch_state_dict(obj, path)
+  if sd and all(k.startswith("module.") for k in sd):
+    sd = {k[len("module."):]: v for k, v in sd.items()}
+  return sd
+
+
+def _read_diffusers(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  if not os.path.exists(os.path.join(folder, "config.json")) and os.path.isdir(
+      os.path.join(folder, "unet")):
+    folder = os.path.join(folder, "unet")  # a pipeline folder
+  try:
+    with open(os.path.join(folder, "config.json")) as f:
+      config = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{folder} is not a diffusers model folder: {e}") from e
+  st = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+  if os.path.exists(st):
+    try:
+      sd = load_safetensors(st)
+    except Exception as e:  # safetensors raises its own error type or OSError
+      raise ConversionError(f"cannot read {st}: {e}") from e
+    return config, {k: np.asarray(v, np.float32) for k, v in sd.items()}
+  pt = os.path.join(folder, "diffusion_pytorch_model.bin")
+  if os.path.exists(pt):
+    return config, _torch_state_dict(_torch_load(pt), pt)
+  raise ConversionError(f"{folder} has neither diffusion_pytorch_model.safetensors nor .bin "
+                        f"(found {sorted(os.listdir(folder))})")
+
+
+def read_pytorch(src: str, expected: UNet | None = None, image_size: int | None = None,
+                 list_entry: int = 0) -> tuple[UNet, Any]:
+  """(network, Flax params) of a DDIM `.ckpt` file or a diffusers UNet2DModel folder.
+
+  The architecture is read off the checkpoint. If `expected` is given (e.g. `unet_from_config`
+  of the run config) it must match, and its dropout and dtype are used; otherwise dtype is
+  float32 and dropout comes from the diffusers config (a DDIM .ckpt: the UNet default).
+  `image_size` is needed for a DDIM .ckpt without `expected` (it places the attention);
+  for diffusers it is checked against `sample_size`. `list_entry` picks the entry of a list
+  checkpoint (the DDIM training code stores the EMA weights last: -1).
+  """
+  if os.path.isdir(src):
+    config, sd = _read_diffusers(src)
+    fields, layout = _diffusers_fields(config), "diffusers"
+    dropout = float(config.get("dropout", 0.0))
+  elif src.endswith(".safetensors"):
+    raise ConversionError(f"{src}: pass the diffusers model folder (with config.json), not the "
+                          "weights file")
+  elif os.path.isfile(src):
+    sd = _read_ddim(src, list_entry)
+    size = image_size if image_size is not None or expected is None else expected.image_size
+    fields, layout, dropout = _infer_ddim(sd, size), "ddim", None
+  else:
+    raise ConversionError(f"no checkpoint at {src}")
+  model = _reconcile(fields, dropout, expected, image_size, src)
+  return model, from_state_dict(sd, model, layout)
+
+
+def _model_json(model: UNet) -> dict[str, Any]:
+  return {"format": _FORMAT, **_arch(model), "dropout": model.dropout,
+          "dtype": jnp.dtype(model.dtype).name}
+
+
+def _is_params_checkpoint(path: str) -> bool:
+  return os.path.isfile(os.path.join(path, _MODEL_JSON))
+
+
+def save_params(path: str, model: UNet, params: Any) -> None:
+  """Writes params + architecture as a directory (orbax `params/` + `model.json`).
+
+  Written to a temporary sibling and renamed into place, so a failure leaves an existing
+  checkpoint at `path` intact. Refuses to replace anything that is not such a checkpoint.
+  """
+  path = os.path.abspath(path)
+  if os.path.lexists(path) and not _is_params_checkpoint(path):
+    raise ConversionError(f"{path} exists and is not a pndm_jax params checkpoint; "
+                          "refusing to replace it")
+  flatten = flax.traverse_util.flatten_dict
+  want = {p: (tuple(s.shape), np.dtype(np.float32))
+          for p, s in flatten(abstract_params(model)).items()}
+  got = {p: (tuple(np.shape(a)), np.dtype(a.dtype)) for p, a in flatten(params).items()}
+  if got != want:
+    raise ConversionError("params do not fit the network (tree, shapes or float32 dtype differ)")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save(os.path.join(tmp, "params"), params)
+      ckptr.wait_until_finished()
+    with open(os.path.join(tmp, _MODEL_JSON), "w") as f:
+      json.dump(_model_json(model), f, indent=2)
+    if os.path.lexists(path):
+      old = tmp + ".old"
+      os.rename(path, old)
+      try:
+        os.rename(tmp, path)
+      except OSError:
+        os.rename(old, path)
+        raise
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, path)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def load_params(path: str, dtype: Any = None) -> tuple[UNet, Any]:
+  """(network, params) of a `save_params` checkpoint; `dtype` overrides the computation dtype."""
+  try:
+    with open(os.path.join(path, _MODEL_JSON)) as f:
+      meta = json.load(f)
+  except (OSError, ValueError) as e:
+    raise ConversionError(f"{path} is not a pndm_jax params checkpoint: {e}") from e
+  if meta.pop("format", None) != _FORMAT:
+    raise ConversionError(f"{path}/{_MODEL_JSON} is not in the format {_FORMAT}")
+  meta["ch_mult"], meta["attn_resolutions"] = (tuple(meta[k]) for k in
+                                               ("ch_mult", "attn_resolutions"))
+  meta["dtype"] = jnp.dtype(dtype if dtype is not None else meta["dtype"])
+  model = UNet(**meta)
+  with ocp.StandardCheckpointer() as ckptr:
+    params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), abstract_params(model))
+  return model, params
+
+
+def load_checkpoint(path: str, expected: UNet | None = None, image_size: int | None = None,
+                    list_entry: int = 0) -> tuple[UNet, Any]:
+  """(network, params) of any supported checkpoint: a `save_params` directory, a DDIM `.ckpt`
+  or a diffusers folder; arguments as in `read_pytorch`."""
+  if os.path.isdir(path) and _is_params_checkpoint(path):
+    model, params = load_params(path)
+    _reconcile(_arch(model), model.dropout, expected, image_size, path)
+    return (expected or model), params
+  return read_pytorch(path, expected, image_size, list_entry)
+
+
+def convert_checkpoint(src: str, dst: str, expected: UNet | None = None,
+                       image_size: int | None = None, list_entry: int = 0) -> UNet:
+  """Converts a DDIM `.ckpt` or diffusers folder to a `save_params` checkpoint at `dst`.
+
+  For `main.py --mode=convert`. Arguments as in `read_pytorch`; returns the network written.
+  """
+  model, params = read_pytorch(src, expected, image_size, list_entry)
+  save_params(dst, model, params)
+  return model

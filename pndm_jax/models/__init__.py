@@ -1,0 +1,5 @@
+"""Networks: the DDPM/DDIM U-Net and the `eps_fn` adapter the samplers take."""
+
+from pndm_jax.models.unet import UNet, eps_fn, unet_from_config
+
+__all__ = ["UNet", "eps_fn", "unet_from_config"]

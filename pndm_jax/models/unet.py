@@ -1,0 +1,209 @@
+"""The DDPM/DDIM epsilon-prediction U-Net (METHODS §7) in Flax linen, NHWC.
+
+Module names follow the DDIM state_dict layout (`down_{i}_block_{j}`, `up_{i}_attn_{j}`, ...) so
+that `pndm_jax.convert` maps PyTorch checkpoints onto this tree by name. Parameters are always
+float32; `dtype` only sets the computation dtype (bfloat16 on accelerators).
+"""
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# GroupNorm as in DDIM/diffusers: 32 groups, eps 1e-6. Two-pass variance for float32 parity.
+_NORM_GROUPS = 32
+_NORM_EPS = 1e-6
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """Sinusoidal embedding [B] -> [B, dim] (float32) of a possibly fractional t.
+
+  The DDIM/DDPM embedding, as diffusers' `get_timestep_embedding` (flip_sin_to_cos=False,
+  freq_shift=1): [sin(t w_k), cos(t w_k)], w_k = 10000^(-k/(dim/2 - 1)). The frequency table is a
+  trace-time constant built with diffusers' float32 operation order and a correctly rounded exp,
+  which reproduces PyTorch's table bit for bit at dims 32 and 128; at t ~ 1000 one ulp of w_k moves
+  the embedding by ~3e-5.
+  """
+  half = dim // 2
+  exponent = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32)
+  exponent /= np.float32(half - 1)
+  freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.sin(args), jnp.cos(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+def _norm(dtype: Any, name: str) -> nn.GroupNorm:
+  return nn.GroupNorm(num_groups=_NORM_GROUPS, epsilon=_NORM_EPS, use_fast_variance=False,
+                      dtype=dtype, name=name)
+
+
+def _conv(features: int, kernel: int, dtype: Any, name: str, strides: int = 1,
+          padding: Any = None) -> nn.Conv:
+  """A square conv; 'same' padding (kernel // 2 each side) unless given."""
+  padding = kernel // 2 if padding is None else padding
+  return nn.Conv(features, (kernel, kernel), strides=strides, padding=padding, dtype=dtype,
+                 name=name)
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-swish-conv twice, timestep embedding added after the first conv."""
+  out_ch: int
+  dropout: float
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
+    h = _conv(self.out_ch, 3, self.dtype, "conv1")(nn.swish(_norm(self.dtype, "norm1")(x)))
+    temb = nn.Dense(self.out_ch, dtype=self.dtype, name="temb_proj")(nn.swish(temb))
+    h = h + temb[:, None, None, :]
+    h = nn.swish(_norm(self.dtype, "norm2")(h))
+    h = nn.Dropout(self.dropout)(h, deterministic=not train)
+    h = _conv(self.out_ch, 3, self.dtype, "conv2")(h)
+    if x.shape[-1] != self.out_ch:
+      x = _conv(self.out_ch, 1, self.dtype, "nin_shortcut")(x)
+    return x + h
+
+
+class AttnBlock(nn.Module):
+  """Single-head self-attention over all positions, with a residual connection."""
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    h = _norm(self.dtype, "norm")(x)
+    q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h).reshape(b, hgt * wid, c)
+               for n in ("q", "k", "v"))
+    logits = jnp.einsum("bic,bjc->bij", q, k) * (c ** -0.5)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, hgt, wid, c)
+    return x + nn.Dense(c, dtype=self.dtype, name="proj_out")(h)
+
+
+class Downsample(nn.Module):
+  """Halves the resolution: pad right/bottom by one then stride-2 3x3 conv, or 2x2 mean pool."""
+  with_conv: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.with_conv:
+      return _conv(x.shape[-1], 3, self.dtype, "conv", strides=2, padding=((0, 1), (0, 1)))(x)
+    return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+  """Doubles the resolution: nearest neighbour, then (optionally) a 3x3 conv."""
+  with_conv: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    if self.with_conv:
+      x = _conv(x.shape[-1], 3, self.dtype, "conv")(x)
+    return x
+
+
+class UNet(nn.Module):
+  """eps(x, t): x [B, H, W, C] NHWC, t float [B] (or a scalar; fractional t is fine).
+
+  Returns eps in `dtype`. With `train=True` dropout is active and needs a "dropout" rng.
+  Attention is placed at the levels whose resolution (from `image_size`) is in
+  `attn_resolutions`, as in the DDIM repository.
+  """
+  ch: int = 128
+  ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+  num_res_blocks: int = 2
+  attn_resolutions: tuple[int, ...] = (16,)
+  dropout: float = 0.1
+  resamp_with_conv: bool = True
+  in_channels: int = 3
+  out_channels: int = 3
+  image_size: int = 32
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f"expected {self.in_channels} input channels (NHWC), got x of shape "
+                       f"{x.shape}")
+    dt = self.dtype
+    levels = len(self.ch_mult)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    temb = timestep_embedding(t, self.ch).astype(dt)
+    temb = nn.Dense(4 * self.ch, dtype=dt, name="temb_dense0")(temb)
+    temb = nn.Dense(4 * self.ch, dtype=dt, name="temb_dense1")(nn.swish(temb))
+
+    def block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
+      return ResnetBlock(out_ch, self.dropout, dt, name=name)(h, temb, train)
+
+    hs = [_conv(self.ch, 3, dt, "conv_in")(x.astype(dt))]
+    res = self.image_size
+    for i, mult in enumerate(self.ch_mult):
+      for j in range(self.num_res_blocks):
+        h = block(hs[-1], self.ch * mult, f"down_{i}_block_{j}")
+        if res in self.attn_resolutions:
+          h = AttnBlock(dt, name=f"down_{i}_attn_{j}")(h)
+        hs.append(h)
+      if i != levels - 1:
+        hs.append(Downsample(self.resamp_with_conv, dt, name=f"down_{i}_downsample")(hs[-1]))
+        res //= 2
+
+    mid_ch = hs[-1].shape[-1]
+    h = block(hs[-1], mid_ch, "mid_block_1")
+    h = AttnBlock(dt, name="mid_attn_1")(h)
+    h = block(h, mid_ch, "mid_block_2")
+
+    for i in reversed(range(levels)):
+      for j in range(self.num_res_blocks + 1):
+        h = block(jnp.concatenate([h, hs.pop()], axis=-1), self.ch * self.ch_mult[i],
+                  f"up_{i}_block_{j}")
+        if res in self.attn_resolutions:
+          h = AttnBlock(dt, name=f"up_{i}_attn_{j}")(h)
+      if i != 0:
+        h = Upsample(self.resamp_with_conv, dt, name=f"up_{i}_upsample")(h)
+        res *= 2
+
+    h = nn.swish(_norm(dt, "norm_out")(h))
+    return _conv(self.out_channels, 3, dt, "conv_out")(h)
+
+
+def unet_from_config(model_cfg: Mapping[str, Any], image_size: int, num_channels: int) -> UNet:
+  """Builds the UNet of a config's `model` section (a ConfigDict or dict) for the given data."""
+  return UNet(
+      ch=int(model_cfg["ch"]),
+      ch_mult=tuple(int(m) for m in model_cfg["ch_mult"]),
+      num_res_blocks=int(model_cfg["num_res_blocks"]),
+      attn_resolutions=tuple(int(r) for r in model_cfg["attn_resolutions"]),
+      dropout=float(model_cfg["dropout"]),
+      resamp_with_conv=bool(model_cfg["resamp_with_conv"]),
+      in_channels=num_channels,
+      out_channels=num_channels,
+      image_size=image_size,
+      dtype=jnp.dtype(model_cfg["dtype"]),
+  )
+
+
+def eps_fn(model: UNet, params: Any,
+           data_format: str = "NHWC") -> Callable[[jax.Array, jax.Array], jax.Array]:
+  """The sampler's `eps_fn(x, t)` for a network and its "params" collection (inference mode).
+
+  The output is cast to x.dtype. `data_format="NCHW"` transposes at the boundary for callers
+  holding PyTorch-layout arrays; the network itself always runs NHWC.
+  """
+  if data_format not in ("NHWC", "NCHW"):
+    raise ValueError(f"data_format must be 'NHWC' or 'NCHW', got {data_format!r}")
+  nchw = data_format == "NCHW"
+
+  def fn(x: jax.Array, t: jax.Array) -> jax.Array:
+    h = jnp.transpose(x, (0, 2, 3, 1)) if nchw else x
+    out = model.apply({"params": params}, h, t, train=False).astype(x.dtype)
+    return jnp.transpose(out, (0, 3, 1, 2)) if nchw else out
+
+  return fn

@@ -1,0 +1,117 @@
+"""The Flax U-Net: size, timestep embedding, dtypes, dropout and the eps_fn adapter.
+
+Forward parity with diffusers/PyTorch lives in test_convert.py (it needs the converter).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.default import get_config
+from pndm_jax.convert import abstract_params
+from pndm_jax.models import UNet, eps_fn, unet_from_config
+from pndm_jax.models.unet import timestep_embedding
+
+TINY = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.5,
+            image_size=8)
+
+
+def _count(model: UNet) -> int:
+  return sum(math.prod(p.shape) for p in jax.tree.leaves(abstract_params(model)))
+
+
+def test_cifar10_param_count():
+  assert _count(UNet()) == 35_746_307  # the published 35.7M
+
+
+def test_params_are_float32_for_any_compute_dtype():
+  dtypes = {p.dtype for p in jax.tree.leaves(abstract_params(TINY.clone(dtype=jnp.bfloat16)))}
+  assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.parametrize("dim", [32, 33, 128])
+def test_timestep_embedding_matches_diffusers(dim):
+  torch = pytest.importorskip("torch")
+  embeddings = pytest.importorskip("diffusers.models.embeddings")
+  t = np.array([0.0, 1.0, 1.5, 17.0, 499.25, 998.75, 999.0], np.float32)
+  want = embeddings.get_timestep_embedding(torch.from_numpy(t), dim, flip_sin_to_cos=False,
+                                           downscale_freq_shift=1).numpy()
+  got = np.asarray(timestep_embedding(jnp.asarray(t), dim))
+  assert got.shape == (len(t), dim)
+  np.testing.assert_allclose(got, want, rtol=0, atol=2e-7)
+
+
+def test_unet_from_config():
+  cfg = get_config().model
+  cfg.dtype = "bfloat16"
+  model = unet_from_config(cfg, image_size=64, num_channels=1)
+  assert model == UNet(ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,),
+                       dropout=0.1, resamp_with_conv=True, in_channels=1, out_channels=1,
+                       image_size=64, dtype=jnp.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+  """Random params of TINY from numpy (compiling `TINY.init` on CPU takes ~20 s)."""
+  rng = np.random.default_rng(0)
+  return jax.tree.map(lambda s: (rng.standard_normal(s.shape) / math.sqrt(math.prod(s.shape[:-1]))
+                                 ).astype(np.float32), abstract_params(TINY))
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_params):
+  """TINY's outputs on one batch, every variant the tests compare, from a single compile.
+
+  Compiled at XLA backend optimisation level 0, which halves the compile time on CPU.
+  """
+  x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+  t = jnp.array([3.0, 700.5])
+
+  def run(params, x, t, keys):
+    apply = lambda train, key, **kw: TINY.clone(**kw).apply(  # noqa: E731
+        {"params": params}, x, t, train=train, rngs={"dropout": key})
+    nchw = eps_fn(TINY, params, data_format="NCHW")(jnp.transpose(x, (0, 3, 1, 2)), t)
+    return {
+        "eval": [apply(False, k) for k in keys], "train": [apply(True, k) for k in keys],
+        "nhwc": eps_fn(TINY, params)(x, t), "nchw": jnp.transpose(nchw, (0, 2, 3, 1)),
+        "scalar_t": eps_fn(TINY, params)(x, t[1]),
+        "bf16_raw": apply(False, keys[0], dtype=jnp.bfloat16),
+        "bf16": eps_fn(TINY.clone(dtype=jnp.bfloat16), params)(x, t),
+    }
+
+  keys = [jax.random.key(0), jax.random.key(1)]
+  compiled = jax.jit(run).lower(tiny_params, x, t, keys).compile(
+      compiler_options={"xla_backend_optimization_level": 0})
+  return compiled(tiny_params, x, t, keys)
+
+
+def test_eval_is_deterministic_and_dropout_needs_train(outputs):
+  (ev0, ev1), (tr0, tr1) = outputs["eval"], outputs["train"]
+  np.testing.assert_array_equal(ev0, ev1)
+  assert not np.allclose(tr0, tr1) and not np.allclose(tr0, ev0)
+
+
+def test_eps_fn_layouts_and_scalar_t(tiny_params, outputs):
+  ref = outputs["eval"][0]
+  np.testing.assert_allclose(outputs["nhwc"], ref, atol=1e-5)
+  np.testing.assert_allclose(outputs["nchw"], ref, atol=1e-5)
+  np.testing.assert_allclose(outputs["scalar_t"][1], ref[1], atol=1e-5)  # t broadcast over B
+  with pytest.raises(ValueError, match="data_format"):
+    eps_fn(TINY, tiny_params, data_format="CHW")
+
+
+def test_bfloat16_compute_tracks_float32(outputs):
+  ref, out = outputs["eval"][0], outputs["bf16"]
+  assert outputs["bf16_raw"].dtype == jnp.bfloat16
+  assert out.dtype == jnp.float32  # eps_fn casts back to x.dtype
+  err = float(jnp.max(jnp.abs(out - ref)) / jnp.max(jnp.abs(ref)))
+  assert err < 0.05, err
+
+
+def test_wrong_channel_count_is_an_error(tiny_params):
+  with pytest.raises(ValueError, match="input channels"):
+    jax.eval_shape(lambda p: TINY.apply({"params": p}, jnp.zeros((1, 3, 8, 8)), jnp.zeros((1,))),
+                   tiny_params)
