@@ -61,6 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampler.batch_size = 64
   config.sampler.seed = 0
   config.sampler.checkpoint = ""      # orbax dir, DDIM .ckpt or diffusers folder
+  config.sampler.checkpoint_list_entry = 0  # list .ckpt: which entry (DDIM keeps EMA last: -1)
   config.sampler.shard_size = 1000
   config.sampler.save_pngs = False
 

@@ -40,7 +40,8 @@ def run_convert(config: ml_collections.ConfigDict, workdir: str) -> None:
   expected = models.unet_from_config(config.model, config.data.image_size,
                                      config.data.num_channels)
   dst = os.path.join(workdir, eps_models.CONVERTED_DIR)
-  convert.convert_checkpoint(config.sampler.checkpoint, dst, expected)
+  convert.convert_checkpoint(config.sampler.checkpoint, dst, expected,
+                             list_entry=config.sampler.checkpoint_list_entry)
   print(f"converted {config.sampler.checkpoint} -> {dst}; `--mode=sample` with this "
         f"--workdir now samples from it")
 

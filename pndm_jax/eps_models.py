@@ -80,7 +80,8 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> EpsModel:
     raise _missing(workdir)
   if _is_training_run(path):
     return _network(expected, train.load_ema_params(path))
-  return _network(*convert.load_checkpoint(path, expected))
+  return _network(*convert.load_checkpoint(
+      path, expected, list_entry=config.sampler.checkpoint_list_entry))
 
 
 def _is_training_run(path: str) -> bool:

@@ -16,15 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
+import diffusers
+import torch
+from diffusers_models import DDPM_SETTINGS, diffusers_unet
 
-from pndm_jax import convert  # noqa: E402
-from pndm_jax.models import UNet, eps_fn  # noqa: E402
+from pndm_jax import convert
+from pndm_jax.models import UNet, eps_fn
 
-# The settings of ddpm-cifar10-32's config.json that make a UNet2DModel the DDPM/DDIM network.
-DDPM_SETTINGS = dict(layers_per_block=2, attention_head_dim=None, norm_eps=1e-6,
-                     downsample_padding=0, flip_sin_to_cos=False, freq_shift=1)
 D, AD, U, AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
 CIFAR = dict(block_out_channels=(128, 256, 256, 256), down_block_types=(D, AD, D, D),
              up_block_types=(U, U, AU, U), sample_size=32)
@@ -39,16 +37,6 @@ CIFAR_TINY_UNET = UNet(ch=32, ch_mult=(1, 2, 2, 2), attn_resolutions=(8,), dropo
                        image_size=16)
 
 
-def _diffusers_unet(arch: dict, seed: int = 0):
-  """A UNet2DModel with random weights (norm scales/biases perturbed too), in eval mode."""
-  torch.manual_seed(seed)
-  model = diffusers.UNet2DModel(**arch, **DDPM_SETTINGS).eval()
-  with torch.no_grad():
-    for p in model.parameters():
-      p.add_(0.05 * torch.randn_like(p))
-  return model
-
-
 def _numpy_sd(model) -> dict:
   return {k: v.detach().numpy().copy() for k, v in model.state_dict().items()}
 
@@ -59,7 +47,7 @@ def saved(tmp_path_factory):
   root = tmp_path_factory.mktemp("diffusers")
   out = {}
   for name, arch in TINY.items():
-    model = _diffusers_unet(arch)
+    model = diffusers_unet(arch)
     model.save_pretrained(root / name)
     out[name] = (model, str(root / name))
   out["cifar10_bin"] = (out["cifar10"][0], str(root / "cifar10_bin"))

@@ -133,6 +133,36 @@ def test_main_sample_gmm_with_overrides(tmp_path):
     assert grid.size[0] > 8 and np.asarray(grid).std() > 0
 
 
+TINY_UNET_FLAGS = ["--config.model.name=unet", "--config.model.ch=32",
+                   "--config.model.ch_mult=(1, 2)", "--config.model.num_res_blocks=2",
+                   "--config.model.attn_resolutions=(4,)", "--config.model.dropout=0.0"]
+
+
+def test_main_convert_then_sample_a_diffusers_folder(tmp_path):
+  from diffusers_models import diffusers_unet  # torch only where conversion is tested
+  folder = tmp_path / "ddpm-tiny"
+  diffusers_unet(dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), sample_size=8,
+                      in_channels=1, out_channels=1)).save_pretrained(folder)
+  workdir = tmp_path / "run"
+  common = ["--config=configs/gmm_pndm.py", f"--workdir={workdir}", *TINY_UNET_FLAGS]
+  result = run_main(*common, "--mode=convert", f"--config.sampler.checkpoint={folder}")
+  assert result.returncode == 0, result.stderr
+  assert (workdir / "converted" / "model.json").exists()
+  result = run_main(*common, "--mode=sample", "--config.sampler.num_samples=4",
+                    "--config.sampler.num_steps=5", "--config.sampler.method=ddim")
+  assert result.returncode == 0, result.stderr
+  images, _ = read_all(workdir / "samples")
+  assert images.shape == (4, 8, 8, 1)
+
+  (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+  before = sorted(os.listdir(workdir / "converted"))
+  result = run_main(*common, "--mode=convert", f"--config.sampler.checkpoint={tmp_path}/broken.ckpt")
+  assert result.returncode == 2 and "broken.ckpt" in result.stderr
+  assert "Traceback" not in result.stderr
+  assert sorted(os.listdir(workdir / "converted")) == before
+
+
 @pytest.mark.parametrize("args, message", [
     (["--config.sampler.method=dpm-solver"], "valid choices: ddpm, ddim, s-pndm, f-pndm"),
     (["--mode=render"], "valid modes: train, sample, convert"),
