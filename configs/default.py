@@ -66,7 +66,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampler.save_pngs = False
 
   config.eval = ml_collections.ConfigDict()
-  config.eval.inception_weights = ""
-  config.eval.stats_file = ""
+  config.eval.metric = "fid"          # fid | fd_digits (the digits model's stand-in; not FID)
+  config.eval.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05-*.pth or jax-fid pickle
+  config.eval.digits_classifier = "assets/digits_classifier.msgpack"  # fd_digits features
+  config.eval.stats_file = ""         # reference statistics .npz (mu, sigma)
+  config.eval.num_images = 0          # --mode=stats: images from the dataset (0 = all)
   config.eval.batch_size = 200
   return config

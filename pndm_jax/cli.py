@@ -8,7 +8,8 @@ from typing import Callable
 import jax
 import ml_collections
 
-from pndm_jax import convert, eps_models, models, sampling, train
+from pndm_jax import convert, eps_models, input_pipeline, models, sampling, schedules, train
+from pndm_jax.evaluation import fid
 
 SAMPLE_DIR = "samples"
 USER_ERRORS = (eps_models.MissingCheckpointError, convert.ConversionError,
@@ -25,6 +26,11 @@ def check(mode: str, config: ml_collections.ConfigDict) -> None:
   elif mode == "convert" and not config.sampler.checkpoint:
     raise ValueError("--mode=convert reads --config.sampler.checkpoint=PATH (a DDIM .ckpt or a "
                      "diffusers UNet2DModel folder); it is empty")
+  elif mode in ("stats", "eval"):
+    schedules.check_choice("metric", config.eval.metric, fid.METRICS)
+    if not config.eval.stats_file:
+      verb = "writes" if mode == "stats" else "compares with"
+      raise ValueError(f"--mode={mode} {verb} --config.eval.stats_file=PATH.npz; it is empty")
 
 
 def run_train(config: ml_collections.ConfigDict, workdir: str) -> None:
@@ -46,8 +52,39 @@ def run_convert(config: ml_collections.ConfigDict, workdir: str) -> None:
         f"--workdir now samples from it")
 
 
+def _feature_weights(config: ml_collections.ConfigDict) -> str:
+  """Inception weights for FID; the digits classifier (trained on first use) for FD-digits."""
+  if config.eval.metric == "fid":
+    return config.eval.inception_weights
+  return config.eval.digits_classifier
+
+
+def run_stats(config: ml_collections.ConfigDict, workdir: str) -> None:
+  del workdir
+  extract = fid.feature_fn_for(config.eval.metric, _feature_weights(config),
+                               config.eval.batch_size)
+  batches = input_pipeline.evaluation_batches(config.data, config.eval.batch_size)
+  mu, sigma = fid.compute_stats_from_images(batches, extract,
+                                            num_images=config.eval.num_images or None)
+  fid.save_stats(config.eval.stats_file, mu, sigma)
+  print(f"wrote {config.eval.metric} statistics of {config.data.dataset} to "
+        f"{config.eval.stats_file}")
+
+
+def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
+  metric = config.eval.metric
+  record = fid.evaluate_sample_dir(
+      os.path.join(workdir, SAMPLE_DIR), config.eval.stats_file, _feature_weights(config),
+      os.path.join(workdir, f"{metric}.json"),
+      dict(sampling.sampler_settings(config), nfe=sampling.check_sampler_config(config)),
+      metric=metric, batch_size=config.eval.batch_size)
+  print(f"{metric} = {record[metric]:.4f} over {record['num_images']} images")
+
+
 MODE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str], None]] = {
     "train": run_train,
     "sample": run_sample,
     "convert": run_convert,
+    "stats": run_stats,
+    "eval": run_eval,
 }
