@@ -1,6 +1,10 @@
 """Default configuration; experiment configs import `get_config()` and override it."""
 
+import os
+
 import ml_collections
+
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -68,7 +72,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval = ml_collections.ConfigDict()
   config.eval.metric = "fid"          # fid | fd_digits (the digits model's stand-in; not FID)
   config.eval.inception_weights = ""  # pytorch-fid pt_inception-2015-12-05-*.pth or jax-fid pickle
-  config.eval.digits_classifier = "assets/digits_classifier.msgpack"  # fd_digits features
+  config.eval.digits_classifier = os.path.join(ASSETS, "digits_classifier.msgpack")  # fd_digits
   config.eval.stats_file = ""         # reference statistics .npz (mu, sigma)
   config.eval.num_images = 0          # --mode=stats: images from the dataset (0 = all)
   config.eval.batch_size = 200

@@ -8,7 +8,7 @@ from typing import Callable
 import jax
 import ml_collections
 
-from pndm_jax import convert, eps_models, input_pipeline, models, sampling, schedules, train
+from pndm_jax import convert, eps_models, input_pipeline, sampling, schedules, train
 from pndm_jax.evaluation import fid
 
 SAMPLE_DIR = "samples"
@@ -24,8 +24,8 @@ def check(mode: str, config: ml_collections.ConfigDict) -> None:
     eps_models.check_model_name(config.model.name)
     sampling.check_sampler_config(config)
   elif mode == "convert" and not config.sampler.checkpoint:
-    raise ValueError("--mode=convert reads --config.sampler.checkpoint=PATH (a DDIM .ckpt or a "
-                     "diffusers UNet2DModel folder); it is empty")
+    raise ValueError("--mode=convert reads --config.sampler.checkpoint=PATH (a DDIM .ckpt, a "
+                     "diffusers UNet2DModel folder or a training workdir); it is empty")
   elif mode in ("stats", "eval"):
     schedules.check_choice("metric", config.eval.metric, fid.METRICS)
     if not config.eval.stats_file:
@@ -43,13 +43,11 @@ def run_sample(config: ml_collections.ConfigDict, workdir: str) -> None:
 
 
 def run_convert(config: ml_collections.ConfigDict, workdir: str) -> None:
-  expected = models.unet_from_config(config.model, config.data.image_size,
-                                     config.data.num_channels)
+  """Any checkpoint (DDIM .ckpt, diffusers folder, training run's EMA) -> a params directory."""
+  src = config.sampler.checkpoint
   dst = os.path.join(workdir, eps_models.CONVERTED_DIR)
-  convert.convert_checkpoint(config.sampler.checkpoint, dst, expected,
-                             list_entry=config.sampler.checkpoint_list_entry)
-  print(f"converted {config.sampler.checkpoint} -> {dst}; `--mode=sample` with this "
-        f"--workdir now samples from it")
+  convert.save_params(dst, *eps_models.load_network(config, src))
+  print(f"converted {src} -> {dst}; `--mode=sample` with this --workdir now samples from it")
 
 
 def _feature_weights(config: ml_collections.ConfigDict) -> str:

@@ -50,8 +50,8 @@ def _network(model: models.UNet, params: Any) -> EpsModel:
   return EpsModel(apply, params, shape)
 
 
-def _missing(workdir: str) -> MissingCheckpointError:
-  return MissingCheckpointError(
+def _raise_missing(workdir: str):
+  raise MissingCheckpointError(
       f"no model to sample from: config.sampler.checkpoint is empty and {workdir!r} has "
       f"neither training checkpoints nor a converted model. Either train one:\n"
       f"  python main.py --config=<train config> --mode=train --workdir={workdir}\n"
@@ -73,15 +73,21 @@ def load(config: ml_collections.ConfigDict, workdir: str) -> EpsModel:
     eps_fn = digits_gmm(config.model.gmm_std).eps_fn(schedule, config.sampler.index)
     return EpsModel(lambda p, x, t: eps_fn(x, t), {}, (8, 8, 1))
 
+  return _network(*load_network(config, config.sampler.checkpoint or
+                                _workdir_checkpoint(workdir) or _raise_missing(workdir)))
+
+
+def load_network(config: ml_collections.ConfigDict, path: str) -> tuple[models.UNet, Any]:
+  """(U-Net, params) from a training run (its EMA params) or any checkpoint `convert` reads.
+
+  The architecture is checked against `config.model` / `config.data`.
+  """
   expected = models.unet_from_config(config.model, config.data.image_size,
                                      config.data.num_channels)
-  path = config.sampler.checkpoint or _workdir_checkpoint(workdir)
-  if path is None:
-    raise _missing(workdir)
   if _is_training_run(path):
-    return _network(expected, train.load_ema_params(path))
-  return _network(*convert.load_checkpoint(
-      path, expected, list_entry=config.sampler.checkpoint_list_entry))
+    return expected, train.load_ema_params(path)
+  return convert.load_checkpoint(path, expected,
+                                 list_entry=config.sampler.checkpoint_list_entry)
 
 
 def _is_training_run(path: str) -> bool:

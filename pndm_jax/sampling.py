@@ -22,12 +22,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from pndm_jax import image_grid, samplers, schedules
+from pndm_jax import image_grid, samplers, schedules, sharding
 from pndm_jax.eps_models import EpsModel
 
-BATCH_AXIS = "batch"
 SHARD_PATTERN = "samples_{:05d}.npz"
 META_FILE = "sampling.json"
 SUMMARY_FILE = "summary.json"
@@ -68,7 +67,7 @@ def make_generate_fn(model: EpsModel, config: ml_collections.ConfigDict, mesh: M
   s = config.sampler
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   stochastic = isinstance(samplers.get_method(s.method, s.eta), samplers.Ancestral)
-  batch = NamedSharding(mesh, P(BATCH_AXIS))
+  batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   def generate(params, indices):
     x_T, keys = initial_noise(s.seed, indices, model.image_shape)
@@ -77,8 +76,7 @@ def make_generate_fn(model: EpsModel, config: ml_collections.ConfigDict, mesh: M
                                grid=s.grid, rng=keys if stochastic else None, eta=s.eta)
     return x0, jnp.asarray(info["nfe"])
 
-  return jax.jit(generate, in_shardings=(NamedSharding(mesh, P()), batch),
-                 out_shardings=(batch, NamedSharding(mesh, P())))
+  return jax.jit(generate, in_shardings=(replicated, batch), out_shardings=(batch, replicated))
 
 
 def _temporary_name(path: str) -> str:
@@ -120,9 +118,8 @@ def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_
   s = config.sampler
   os.makedirs(sample_dir, exist_ok=True)
   _check_or_write_meta(sample_dir, sampler_settings(config))
-  devices = list(devices or jax.local_devices())
-  mesh = Mesh(np.array(devices), (BATCH_AXIS,))
-  batch_size = math.ceil(s.batch_size / len(devices)) * len(devices)
+  mesh = sharding.batch_mesh(devices or jax.local_devices())
+  batch_size = sharding.round_up(s.batch_size, mesh)
   generate = make_generate_fn(model, config, mesh)
 
   num_shards = math.ceil(s.num_samples / s.shard_size)
@@ -130,15 +127,15 @@ def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_
   todo = [k for k in mine if not os.path.exists(os.path.join(sample_dir, SHARD_PATTERN.format(k)))]
   logging.info("sampling %d images with %s, %d steps (NFE %s per image) on %d device(s): "
                "%d of %d shards to make", s.num_samples, s.method, s.num_steps, nfe,
-               len(devices), len(todo), len(mine))
+               mesh.size, len(todo), len(mine))
   start, made, nfe_seen = time.perf_counter(), 0, nfe
   for done, k in enumerate(todo, 1):
     indices = np.arange(k * s.shard_size, min((k + 1) * s.shard_size, s.num_samples))
     parts = []
     for lo in range(0, len(indices), batch_size):
       chunk = indices[lo:lo + batch_size]
-      padded = np.concatenate([chunk, np.full(batch_size - len(chunk), chunk[-1])])
-      x0, nfe_seen = generate(model.params, padded.astype(np.int32))
+      padded = sharding.pad_batch(chunk, batch_size).astype(np.int32)
+      x0, nfe_seen = generate(model.params, padded)
       parts.append(image_grid.to_uint8(jax.device_get(x0))[:len(chunk)])
     images = np.concatenate(parts)
     _write_atomically(os.path.join(sample_dir, SHARD_PATTERN.format(k)), images=images,
@@ -155,7 +152,7 @@ def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_
   summary = dict(num_samples=s.num_samples, images_made_now=made,
                  nfe_per_image=int(nfe_seen) if nfe_seen is not None else None,
                  images_per_second=made / elapsed if made else None, method=s.method,
-                 num_steps=s.num_steps, devices=len(devices), sample_dir=sample_dir)
+                 num_steps=s.num_steps, devices=mesh.size, sample_dir=sample_dir)
   if jax.process_index() == 0:
     _save_grid(sample_dir, os.path.join(sample_dir, "grid.png"))
     with open(os.path.join(sample_dir, SUMMARY_FILE), "w") as f:
@@ -172,10 +169,12 @@ def _save_pngs(images: np.ndarray, indices: np.ndarray, folder: str) -> None:
         os.path.join(folder, f"{i:06d}.png"))
 
 
-def _save_grid(sample_dir: str, path: str, count: int = 64) -> None:
-  """A grid of the first `count` images (from shard 0, when this process made it)."""
+def _save_grid(sample_dir: str, path: str, count: int = 64, min_size: int = 32) -> None:
+  """A grid of the first `count` images (from shard 0), small ones enlarged to `min_size`."""
   first = os.path.join(sample_dir, SHARD_PATTERN.format(0))
   if os.path.exists(first):
     with np.load(first) as shard:
       images = shard["images"][:count]
+    scale = max(1, min_size // images.shape[1])
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
     image_grid.save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(len(images)))))

@@ -24,9 +24,9 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from scipy import linalg
 
+from pndm_jax import sharding
 from pndm_jax.evaluation import digits_classifier, inception
 
 METRICS = ("fid", "fd_digits")
@@ -49,13 +49,11 @@ class ShardedFeatureExtractor:
   def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array],
                variables: Any, batch_size: int,
                devices: Optional[Sequence[jax.Device]] = None):
-    devices = list(devices) if devices is not None else jax.devices()
-    mesh = Mesh(np.asarray(devices), ("batch",))
-    self.batch_size = -(-batch_size // len(devices)) * len(devices)
-    self._data_sharding = NamedSharding(mesh, P("batch"))
-    replicated = NamedSharding(mesh, P())
-    self._variables = jax.device_put(variables, replicated)
-    self._apply = jax.jit(apply_fn, in_shardings=(replicated, self._data_sharding),
+    mesh = sharding.batch_mesh(devices)
+    self.batch_size = sharding.round_up(batch_size, mesh)
+    self._data_sharding = sharding.batch_sharding(mesh)
+    self._variables = jax.device_put(variables, sharding.replicated(mesh))
+    self._apply = jax.jit(apply_fn, in_shardings=(sharding.replicated(mesh), self._data_sharding),
                           out_shardings=self._data_sharding)
 
   def map_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
@@ -70,9 +68,7 @@ class ShardedFeatureExtractor:
       for start in range(0, len(images), self.batch_size):
         batch = images[start:start + self.batch_size]
         valid = len(batch)
-        if valid < self.batch_size:
-          pad = np.zeros((self.batch_size - valid,) + batch.shape[1:], batch.dtype)
-          batch = np.concatenate([batch, pad])
+        batch = sharding.pad_batch(batch, self.batch_size)
         out = self._apply(self._variables, jax.device_put(batch, self._data_sharding))
         if pending is not None:
           yield np.asarray(pending[0])[:pending[1]]
