@@ -1,0 +1,457 @@
+"""Training the epsilon-prediction U-Net (METHODS §7): objective, sharded step, checkpoints, logs.
+
+The objective is the reference's: random horizontal flips, timesteps drawn
+antithetically (t and N-1-t in the two halves of a batch), x_t = sqrt(A[t]) x0 +
+sqrt(1 - A[t]) eps, and an l1 (or l2) error on eps summed over pixels and
+averaged over the batch; Adam with linear warm-up, global-norm clipping, and an
+EMA of the parameters after every step.
+
+One jitted function runs `steps_per_call` steps (under `lax.scan` when more
+than one), data-parallel over a 1-D device mesh: the batch is sharded along the
+mesh axis and the train state is replicated by its sharding, so gradients are
+reduced by the compiler.
+Every random draw is keyed by (seed, step), and batch `i` of the input pipeline
+belongs to step `i`, so a run resumed from a checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import sys
+import time
+import types
+from typing import Any, Callable, Mapping, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from pndm_jax import image_grid, input_pipeline, samplers, schedules
+from pndm_jax.models import UNet, eps_fn, unet_from_config
+
+# clu 0.0.12 imports TensorFlow from `clu.metric_writers.summary_writer` when any
+# of `clu.metric_writers` (and so `clu.periodic_actions`) is imported
+# (google/CommonLoopUtils#358). Without TensorFlow, that module is served here
+# with a factory for the tensorboardX-backed writer below, so clu's writers,
+# `create_default_writer` and periodic actions work and still write TensorBoard files.
+_SUMMARY_WRITER_MODULE = "clu.metric_writers.summary_writer"
+if (importlib.util.find_spec("tensorflow") is None
+    and _SUMMARY_WRITER_MODULE not in sys.modules):
+  _summary_writer = types.ModuleType(_SUMMARY_WRITER_MODULE)
+  _summary_writer.SummaryWriter = lambda logdir: TensorboardXWriter(logdir)
+  sys.modules[_SUMMARY_WRITER_MODULE] = _summary_writer
+
+from clu import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
+from clu import periodic_actions  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+CHECKPOINT_DIR = "checkpoints"
+SAMPLE_DIR = "samples"
+LOSSES = ("l1", "l2")
+BATCH_AXIS = "batch"
+
+
+class TensorboardXWriter(metric_writers.MetricWriter):
+  """clu's MetricWriter interface over tensorboardX: TensorBoard event files without TensorFlow."""
+
+  def __init__(self, logdir: str):
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+
+    self._writer = tensorboardX.SummaryWriter(logdir)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
+    for key, value in scalars.items():
+      self._writer.add_scalar(key, float(value), global_step=step)
+
+  def write_images(self, step: int, images: Mapping[str, Any]):
+    for key, value in images.items():
+      value = np.asarray(value)
+      if value.ndim == 3:
+        value = value[None]
+      self._writer.add_images(key, value, global_step=step, dataformats="NHWC")
+
+  def write_texts(self, step: int, texts: Mapping[str, str]):
+    for key, value in texts.items():
+      self._writer.add_text(key, value, global_step=step)
+
+  def write_histograms(self, step: int, arrays: Mapping[str, Any],
+                       num_buckets: Optional[Mapping[str, int]] = None):
+    for key, value in arrays.items():
+      bins = (num_buckets or {}).get(key, "tensorflow")
+      self._writer.add_histogram(key, np.asarray(value), global_step=step, bins=bins)
+
+  def write_hparams(self, hparams: Mapping[str, Any]):
+    self._writer.add_text("hparams", "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items())))
+
+  def write_summaries(self, step, values, metadata=None):
+    raise NotImplementedError("raw TensorFlow summaries need TensorFlow")
+
+  def write_videos(self, step, videos):
+    raise NotImplementedError("TensorboardXWriter does not write videos")
+
+  def write_audios(self, step, audios, *, sample_rate):
+    raise NotImplementedError("TensorboardXWriter does not write audio")
+
+  def flush(self):
+    self._writer.flush()
+
+  def close(self):
+    self._writer.close()
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a training step reads and writes; a pytree of arrays."""
+
+  step: jax.Array
+  params: Any
+  ema_params: Any
+  opt_state: Any
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+def learning_rate_schedule(training: ml_collections.ConfigDict) -> optax.Schedule:
+  """lr * min((n + 1) / warmup_steps, 1) at update n (0-based): linear warm-up, then constant."""
+  lr, warmup = training.lr, max(int(training.warmup_steps), 1)
+  return lambda count: lr * jnp.minimum((count + 1) / warmup, 1.0)
+
+
+def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with linear warm-up, after global-norm clipping (grad_clip <= 0 disables it)."""
+  adam = optax.adam(learning_rate_schedule(training), b1=training.beta1, b2=training.beta2,
+                    eps=training.adam_eps)
+  if training.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(training.grad_clip), adam)
+  return adam
+
+
+def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
+  """decay * ema + (1 - decay) * params, leaf by leaf."""
+  return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema_params, params)
+
+
+def antithetic_timesteps(key: jax.Array, batch: int, num_timesteps: int) -> jax.Array:
+  """int32 [batch]: t ~ U{0..N-1} in the first half, N-1-t in the second (the reference's draw)."""
+  t = jax.random.randint(key, (batch // 2 + 1,), 0, num_timesteps)
+  return jnp.concatenate([t, num_timesteps - 1 - t])[:batch]
+
+
+def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
+  """Flips each NHWC image left-right with probability 1/2."""
+  flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
+  return jnp.where(flip, x[:, :, ::-1, :], x)
+
+
+def diffusion_loss(params: Any, model: UNet, x0: jax.Array, key: jax.Array,
+                   alphas_cumprod: jax.Array, loss: str, flip: bool) -> jax.Array:
+  """The eps-prediction loss of one batch: per-image error summed over pixels, batch mean."""
+  k_flip, k_t, k_noise, k_dropout = jax.random.split(key, 4)
+  x0 = x0.astype(jnp.float32)
+  if flip:
+    x0 = random_flip(k_flip, x0)
+  t = antithetic_timesteps(k_t, x0.shape[0], alphas_cumprod.shape[0])
+  a = alphas_cumprod[t][:, None, None, None]
+  noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
+  x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
+  eps = model.apply({"params": params}, x_t, t.astype(jnp.float32), train=True,
+                    rngs={"dropout": k_dropout}).astype(jnp.float32)
+  err = jnp.abs(eps - noise) if loss == "l1" else jnp.square(eps - noise)
+  return jnp.mean(jnp.sum(err, axis=(1, 2, 3)))
+
+
+def train_step(state: TrainState, x0: jax.Array, *, model: UNet,
+               tx: optax.GradientTransformation, alphas_cumprod: jax.Array,
+               config: ml_collections.ConfigDict, key: jax.Array
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on the global batch x0 [B, H, W, C]; metrics are scalars."""
+  training = config.training
+  step_key = jax.random.fold_in(key, state.step)
+  loss, grads = jax.value_and_grad(diffusion_loss)(
+      state.params, model, x0, step_key, alphas_cumprod, training.loss, config.data.random_flip)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+                         ema_params=ema_update(state.ema_params, params, training.ema_decay))
+  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
+             "lr": learning_rate_schedule(training)(state.step)}
+  return new_state, metrics
+
+
+# ----------------------------------------------------------------------------- sharding
+
+
+def make_mesh(devices: Optional[list[jax.Device]] = None) -> Mesh:
+  """A 1-D mesh over `devices` (default: all) whose single axis shards the batch."""
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (BATCH_AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Sharding of the [steps_per_call, global_batch, H, W, C] arrays the train function takes."""
+  return NamedSharding(mesh, P(None, BATCH_AXIS))
+
+
+def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.Array,
+                       image_size: int, num_channels: int, mesh: Mesh) -> TrainState:
+  """Freshly initialised state (step 0, EMA = params), replicated over the mesh."""
+
+  def init(key):
+    x = jnp.zeros((1, image_size, image_size, num_channels), jnp.float32)
+    params = model.init({"params": key}, x, jnp.zeros((1,), jnp.float32))["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      ema_params=jax.tree.map(jnp.copy, params),  # own buffers: state is donated
+                      opt_state=tx.init(params))
+
+  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)
+
+
+def make_train_fn(model: UNet, tx: optax.GradientTransformation, schedule: schedules.Schedule,
+                  config: ml_collections.ConfigDict, mesh: Mesh, key: jax.Array
+                  ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
+  """One jitted call of k = batches.shape[0] train steps; returns per-step metrics [k].
+
+  k > 1 runs under `lax.scan` (fewer dispatches on accelerators). k = 1 runs
+  the step directly: on XLA:CPU a convolution's weight gradient inside a loop
+  body is many times slower than outside one (jax-ml/jax#12868; measured ~8x
+  on this U-Net). The input state is donated; the returned one is replicated.
+  """
+  alphas_cumprod = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+
+  def step(state, x0):
+    return train_step(state, x0, model=model, tx=tx, alphas_cumprod=alphas_cumprod,
+                      config=config, key=key)
+
+  def train_fn(state, batches):
+    if batches.shape[0] > 1:
+      return jax.lax.scan(step, state, batches)
+    state, metrics = step(state, batches[0])
+    return state, jax.tree.map(lambda m: m[None], metrics)
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(train_fn, in_shardings=(replicated, batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint exists but cannot be restored."""
+
+
+def checkpoint_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
+  """An orbax manager keeping the last `keep` checkpoints of `directory`.
+
+  Orbax writes each checkpoint to a temporary directory and renames it only
+  when complete, so a crash mid-save leaves the previous one as the latest.
+  """
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def _save_args(state: TrainState) -> ocp.args.Composite:
+  # EMA parameters are their own item, so samplers can restore (or ship) them alone.
+  train = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
+  return ocp.args.Composite(train=ocp.args.StandardSave(train),
+                            ema_params=ocp.args.StandardSave(state.ema_params))
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
+  """Saves `state` as checkpoint `step` (asynchronously; the manager waits before the next)."""
+  manager.save(step, args=_save_args(state), force=True)
+
+
+def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState,
+                       fallback: bool = False) -> Optional[TrainState]:
+  """The latest checkpoint restored with `target`'s structure and shardings, or None if none.
+
+  An unreadable latest checkpoint raises a CheckpointError naming it; with
+  `fallback`, it is moved aside to `<step>.corrupt` and the previous one is tried.
+  """
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+  train = {"step": abstract.step, "params": abstract.params, "opt_state": abstract.opt_state}
+  args = ocp.args.Composite(train=ocp.args.StandardRestore(train),
+                            ema_params=ocp.args.StandardRestore(abstract.ema_params))
+  steps = sorted(manager.all_steps(), reverse=True)
+  for i, step in enumerate(steps):
+    path = os.path.join(str(manager.directory), str(step))
+    try:
+      restored = manager.restore(step, args=args)
+    except Exception as e:  # pylint: disable=broad-except
+      earlier = steps[i + 1] if i + 1 < len(steps) else None
+      if not fallback or earlier is None:
+        hint = (f"set config.training.restore_fallback=True to resume from step {earlier}"
+                if earlier is not None else "no earlier checkpoint exists")
+        raise CheckpointError(
+            f"checkpoint {path} (step {step}) cannot be restored (corrupt, or saved with a "
+            f"different model/optimizer config): {type(e).__name__}: {e}; {hint}") from e
+      logging.warning("checkpoint %s cannot be restored (%s: %s); moving it to %s.corrupt and "
+                      "falling back to step %d", path, type(e).__name__, e, path, earlier)
+      if jax.process_index() == 0:
+        os.rename(path, path + ".corrupt")
+      if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+      manager.reload()
+      continue
+    train = restored["train"]
+    return TrainState(step=train["step"], params=train["params"],
+                      ema_params=restored["ema_params"], opt_state=train["opt_state"])
+  return None
+
+
+def load_ema_params(path: str, step: Optional[int] = None) -> Any:
+  """EMA parameters (a pytree of numpy arrays) from a training run, for sampling.
+
+  `path` is a training workdir or its `checkpoints` directory; the latest step
+  is read unless `step` is given. Only the `ema_params` item is read, so a
+  checkpoint directory holding just that item (a shipped model) works too.
+  """
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    path = os.path.join(path, CHECKPOINT_DIR)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+  manager = ocp.CheckpointManager(
+      os.path.abspath(path), item_handlers={"ema_params": ocp.PyTreeCheckpointHandler()},
+      options=ocp.CheckpointManagerOptions(read_only=True))
+  with manager:
+    step = manager.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoints in {path!r}")
+    try:
+      # Restored as host numpy arrays: valid whatever devices the run was saved from.
+      tree = manager.item_metadata(step)["ema_params"].tree
+      restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+      restored = manager.restore(step, args=ocp.args.Composite(
+          ema_params=ocp.args.PyTreeRestore(restore_args=restore_args)))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CheckpointError(f"EMA parameters of checkpoint {os.path.join(path, str(step))} "
+                            f"cannot be restored: {type(e).__name__}: {e}") from e
+  return restored["ema_params"]
+
+
+# ----------------------------------------------------------------------------- samples
+
+
+def make_sample_fn(model: UNet, schedule: schedules.Schedule,
+                   sampler: ml_collections.ConfigDict, mesh: Mesh
+                   ) -> Callable[[Any, tuple[int, ...]], np.ndarray]:
+  """sample(params, shape) -> uint8 NHWC images from the configured sampler.
+
+  x_T is seeded by sampler.seed, so grids from different steps share their
+  noise. The batch is sharded over the mesh when it divides evenly.
+  """
+
+  @jax.jit
+  def run(params, x_T):
+    x0, _ = samplers.sample(eps_fn(model, params), x_T, schedule, method=sampler.method,
+                            num_steps=sampler.num_steps, index=sampler.index, grid=sampler.grid,
+                            rng=jax.random.key(sampler.seed), eta=sampler.eta)
+    return x0
+
+  def sample(params, shape):
+    x_T = np.random.default_rng(sampler.seed).standard_normal(shape, dtype=np.float32)
+    spec = P(BATCH_AXIS) if shape[0] % mesh.size == 0 else P()
+    x0 = run(params, jax.device_put(x_T, NamedSharding(mesh, spec)))
+    return image_grid.to_uint8(jax.device_get(x0))
+
+  return sample
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises a ValueError for settings that would fail later (called before any compute)."""
+  training = config.training
+  if training.loss not in LOSSES:
+    raise ValueError(f"unknown loss {training.loss!r}; valid choices: {', '.join(LOSSES)}")
+  if training.steps_per_call < 1 or training.num_train_steps % training.steps_per_call:
+    raise ValueError(f"num_train_steps ({training.num_train_steps}) must be a multiple of "
+                     f"steps_per_call ({training.steps_per_call})")
+  input_pipeline.check_global_batch(training.batch_size, num_devices, jax.process_count())
+  schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+
+
+def _crossed(step: int, k: int, every: int) -> bool:
+  """Whether the last k steps, ending at `step`, passed a multiple of `every` (0: never)."""
+  return every > 0 and step // every != (step - k) // every
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+  """Trains per `config`, resuming from the latest checkpoint in `workdir`; returns the state.
+
+  Writes to `workdir`: `checkpoints/` (orbax), TensorBoard events and
+  `samples/<step>.png` grids from the EMA parameters. Throughput (steps/s,
+  images/s) is measured over training only, not checkpointing or sampling.
+  """
+  training, data = config.training, config.data
+  mesh = make_mesh()
+  check_config(config, mesh.size)
+  dataset = input_pipeline.create_dataset(data, training.batch_size, config.seed, mesh.size)
+  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  model = unet_from_config(config.model, data.image_size, data.num_channels)
+  tx = make_optimizer(training)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  state = create_train_state(model, tx, init_key, data.image_size, data.num_channels, mesh)
+
+  is_chief = jax.process_index() == 0
+  manager = checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR), training.keep_checkpoints)
+  state = restore_checkpoint(manager, state, training.restore_fallback) or state
+  step = int(state.step)
+  logging.info("training from step %d to %d on %d device(s), global batch %d", step,
+               training.num_train_steps, mesh.size, training.batch_size)
+
+  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  report = periodic_actions.ReportProgress(num_train_steps=training.num_train_steps,
+                                           every_steps=training.log_every, every_secs=None)
+  train_fn = make_train_fn(model, tx, schedule, config, mesh, train_key)
+  sample_fn = make_sample_fn(model, schedule, config.sampler, mesh)
+  k = training.steps_per_call
+  batches = input_pipeline.device_batches(dataset, step, k, batch_sharding(mesh))
+  pending, last = [], (step, time.perf_counter())  # throughput since (step, time)
+  try:
+    while step < training.num_train_steps:
+      state, metrics = train_fn(state, next(batches))
+      step += k
+      pending.append(metrics)
+      report(step)
+      done = step == training.num_train_steps
+      if done or _crossed(step, k, training.log_every):
+        values = jax.device_get(pending)
+        steps_per_sec = (step - last[0]) / (time.perf_counter() - last[1])
+        writer.write_scalars(step, {
+            "loss": np.mean([v["loss"] for v in values]),
+            "grad_norm": np.mean([v["grad_norm"] for v in values]),
+            "lr": values[-1]["lr"][-1],
+            "steps_per_sec": steps_per_sec,
+            "images_per_sec": steps_per_sec * training.batch_size})
+        pending, last = [], (step, time.perf_counter())
+      if done or _crossed(step, k, training.checkpoint_every):
+        with report.timed("checkpoint"):
+          save_checkpoint(manager, state, step)
+        last = (step, time.perf_counter())
+      if _crossed(step, k, training.sample_every) or (done and training.sample_every > 0):
+        with report.timed("sample"):
+          shape = (training.num_grid_samples, data.image_size, data.image_size,
+                   data.num_channels)
+          images = sample_fn(state.ema_params, shape)
+          if is_chief:
+            nrow = math.ceil(math.sqrt(len(images)))
+            image_grid.save_image_grid(images, os.path.join(workdir, SAMPLE_DIR,
+                                                            f"{step:08d}.png"), nrow)
+            writer.write_images(step, {"samples": image_grid.make_image_grid(images, nrow)})
+        last = (step, time.perf_counter())
+  finally:
+    batches.close()
+    manager.close()
+    writer.close()
+  return state

@@ -1,0 +1,281 @@
+"""Training: objective pieces, EMA, sharding invariance, exact resume, checkpoints, end to end.
+
+Every model here is the same tiny U-Net on 8x8x3 images with a global batch of
+16, so the train step compiles once per mesh; a per-module persistent
+compilation cache lets the repeated `train_and_evaluate` runs reuse it.
+"""
+
+import glob
+import os
+import re
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from sklearn import datasets
+
+from configs import default, digits_train
+from pndm_jax import schedules, train
+from pndm_jax.models import unet_from_config
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compilation_cache(tmp_path_factory):
+  """A fresh persistent compilation cache (jax keeps using it for the rest of the session)."""
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory):
+  """The digits as an 8x8 RGB uint8 .npz (an offline source with the tfds mocks' shapes)."""
+  path = str(tmp_path_factory.mktemp("data") / "digits.npz")
+  grey = np.round(datasets.load_digits().images * (255 / 16)).astype(np.uint8)
+  np.savez(path, images=np.repeat(grey[..., None], 3, axis=-1))
+  return path
+
+
+def tiny_config(dataset="npz", path=""):
+  config = default.get_config()
+  config.data.update(dataset=dataset, path=path, image_size=8, num_channels=3, random_flip=True)
+  config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.1)
+  config.training.update(batch_size=16, num_train_steps=2, lr=1e-3, warmup_steps=3,
+                         ema_decay=0.9, log_every=1, checkpoint_every=1, sample_every=0,
+                         num_grid_samples=8)
+  # Adam's first steps move each weight by ~lr * sign(g); a larger eps keeps that
+  # smooth in near-zero gradients, whose float rounding differs between meshes.
+  config.training.adam_eps = 1e-3
+  config.sampler.update(method="ddim", num_steps=5)
+  return config
+
+
+def build(config, mesh, with_state=True):
+  """(initial state or None, train_fn) exactly as train_and_evaluate builds them."""
+  model = unet_from_config(config.model, config.data.image_size, config.data.num_channels)
+  tx = train.make_optimizer(config.training)
+  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  init_key, train_key = jax.random.split(jax.random.key(config.seed))
+  state = (train.create_train_state(model, tx, init_key, config.data.image_size,
+                                    config.data.num_channels, mesh) if with_state else None)
+  return state, train.make_train_fn(model, tx, schedule, config, mesh, train_key)
+
+
+@pytest.fixture(scope="module")
+def fixed_batch(digits_npz):
+  with np.load(digits_npz) as f:
+    return f["images"][:16][None].astype(np.float32) / 127.5 - 1.0  # [1, 16, 8, 8, 3]
+
+
+def test_antithetic_timesteps_and_flips():
+  t = np.asarray(train.antithetic_timesteps(jax.random.key(0), 10, 1000))
+  assert t.shape == (10,) and t.min() >= 0 and t.max() <= 999
+  np.testing.assert_array_equal(t[6:], 999 - t[:4])  # first 6 drawn, then N-1-t
+  x = jax.random.normal(jax.random.key(1), (64, 4, 4, 1))
+  y = np.asarray(train.random_flip(jax.random.key(2), x))
+  same = (y == np.asarray(x)).all(axis=(1, 2, 3))
+  mirrored = (y == np.asarray(x)[:, :, ::-1]).all(axis=(1, 2, 3))
+  assert (same | mirrored).all() and 10 < mirrored.sum() < 54
+
+
+def test_digits_config_builds():
+  config = digits_train.get_config()
+  train.check_config(config, 1)
+  model = unet_from_config(config.model, config.data.image_size, config.data.num_channels)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 1)), jnp.zeros(1))
+  assert sum(x.size for x in jax.tree.leaves(shapes)) < 1_000_000  # a ~2.6 MB EMA checkpoint
+
+
+def test_learning_rate_warms_up_linearly():
+  training = tiny_config().training
+  lr = train.learning_rate_schedule(training)
+  np.testing.assert_allclose([lr(n) for n in range(5)], [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3],
+                             rtol=1e-6)
+
+
+def test_loss_goes_down_and_ema_matches_numpy(fixed_batch):
+  config = tiny_config()
+  state, train_fn = build(config, train.make_mesh())
+  decay = config.training.ema_decay
+  ema = jax.device_get(state.params)
+  losses = []
+  for _ in range(40):
+    state, metrics = train_fn(state, fixed_batch)
+    params = jax.device_get(state.params)
+    ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, ema, params)
+    losses.append(float(metrics["loss"][0]))
+  assert np.mean(losses[-8:]) < 0.75 * np.mean(losses[:8]), losses  # ~0.55 seen
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               jax.device_get(state.ema_params), ema)
+
+
+def test_sharded_step_matches_one_device(fixed_batch):
+  config = tiny_config()
+  mesh1, mesh8 = train.make_mesh(jax.devices()[:1]), train.make_mesh()
+  assert mesh8.size == 8
+  state8, fn8 = build(config, mesh8)
+  _, fn1 = build(config, mesh1, with_state=False)
+  state1 = jax.device_put(jax.device_get(state8), jax.sharding.NamedSharding(
+      mesh1, jax.sharding.PartitionSpec()))
+  for _ in range(3):
+    state1, m1 = fn1(state1, fixed_batch)
+    state8, m8 = fn8(state8, fixed_batch)
+    np.testing.assert_allclose(m8["loss"], m1["loss"], rtol=1e-5)
+    np.testing.assert_allclose(m8["grad_norm"], m1["grad_norm"], rtol=1e-5)
+  assert len(state8.params["conv_in"]["kernel"].sharding.device_set) == 8
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               jax.device_get(state8.params), jax.device_get(state1.params))
+
+
+def test_scanned_steps_match_single_steps(fixed_batch):
+  state, train_fn = build(tiny_config(), train.make_mesh())
+  scanned, m2 = train_fn(jax.tree.map(jnp.copy, state), np.concatenate([fixed_batch] * 2))
+  for i in range(2):
+    state, m1 = train_fn(state, fixed_batch)
+    np.testing.assert_allclose(m2["loss"][i], m1["loss"][0], rtol=1e-5)
+  assert int(scanned.step) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               jax.device_get(scanned.params), jax.device_get(state.params))
+
+
+def test_resume_is_exact(tmp_path, digits_npz):
+  config = tiny_config(path=digits_npz)
+  config.training.update(num_train_steps=4, checkpoint_every=2)
+  straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
+  config.training.num_train_steps = 2
+  train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  config.training.num_train_steps = 4
+  resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert int(resumed.step) == int(straight.step) == 4
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
+  ema = train.load_ema_params(str(tmp_path / "resumed"))
+  jax.tree.map(np.testing.assert_array_equal, ema, jax.device_get(straight.ema_params))
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "celeb_a"])
+def test_mock_tfds_training_end_to_end(tmp_path, dataset):
+  config = tiny_config(dataset=dataset)
+  config.training.update(num_train_steps=1, sample_every=1 if dataset == "cifar10" else 0)
+  with tfds.testing.mock_data(num_examples=32):
+    state = train.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 1
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(state.params)))
+  assert os.listdir(tmp_path / "checkpoints") == ["1"]
+  tags = event_tags(str(tmp_path))
+  for tag in ("loss", "grad_norm", "lr", "steps_per_sec", "images_per_sec"):
+    assert tags.get(tag) == 1, tags
+  if dataset == "cifar10":
+    from PIL import Image  # pylint: disable=g-import-not-at-top
+    with Image.open(tmp_path / "samples" / "00000001.png") as grid:
+      assert grid.size == (3 * 10 + 2, 3 * 10 + 2)  # 8 images, 3 per row, 2px gaps
+    assert tags.get("samples") == 1
+
+
+def event_tags(workdir):
+  """{tag: number of events} over the TensorBoard event files in `workdir`."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  tags = {}
+  for path in glob.glob(os.path.join(workdir, "events.out.tfevents.*")):
+    with open(path, "rb") as f:
+      data = f.read()
+    offset = 0
+    while offset < len(data):  # records: u64 length, u32 crc, payload, u32 crc
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      offset += length + 16
+      for value in event.summary.value:
+        tags[value.tag] = tags.get(value.tag, 0) + 1
+  return tags
+
+
+def small_state(value):
+  """A model-free TrainState for checkpoint tests."""
+  params = {"w": jnp.full((3,), value, jnp.float32)}
+  return train.TrainState(step=jnp.asarray(int(value), jnp.int32), params=params,
+                          ema_params={"w": params["w"] * 10},
+                          opt_state=(jnp.zeros(()), {"m": params["w"] + 1}))
+
+
+def saved_run(directory, steps=(1, 2)):
+  with train.checkpoint_manager(directory) as manager:
+    for step in steps:
+      train.save_checkpoint(manager, small_state(step), step)
+    manager.wait_until_finished()
+
+
+def test_corrupt_latest_checkpoint_errors_or_falls_back(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  saved_run(directory)
+  for path in glob.glob(os.path.join(directory, "2", "**", "*"), recursive=True):
+    if os.path.isfile(path):
+      with open(path, "wb") as f:
+        f.write(b"garbage")
+  with train.checkpoint_manager(directory) as manager:
+    with pytest.raises(train.CheckpointError,
+                       match=re.escape(os.path.join(directory, "2")) + ".*restore_fallback"):
+      train.restore_checkpoint(manager, small_state(0))
+  with train.checkpoint_manager(directory) as manager:
+    restored = train.restore_checkpoint(manager, small_state(0), fallback=True)
+    assert manager.latest_step() == 1
+  assert int(restored.step) == 1
+  np.testing.assert_array_equal(restored.ema_params["w"], [10.0] * 3)
+  assert os.path.isdir(os.path.join(directory, "2.corrupt"))
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  saved_run(directory)
+  partial = os.path.join(directory, "3.orbax-checkpoint-tmp", "train")
+  os.makedirs(partial)
+  with open(os.path.join(partial, "_METADATA"), "w") as f:
+    f.write("{trunc")
+  with train.checkpoint_manager(directory) as manager:
+    restored = train.restore_checkpoint(manager, small_state(0))
+  assert int(restored.step) == 2
+
+
+def test_load_ema_params_reads_a_shipped_ema_only_checkpoint(tmp_path):
+  saved_run(str(tmp_path / "run" / "checkpoints"))
+  np.testing.assert_array_equal(train.load_ema_params(str(tmp_path / "run"))["w"], [20.0] * 3)
+  np.testing.assert_array_equal(train.load_ema_params(str(tmp_path / "run"), step=1)["w"],
+                                [10.0] * 3)
+  shipped = tmp_path / "shipped" / "checkpoints" / "2"
+  shutil.copytree(tmp_path / "run" / "checkpoints" / "2" / "ema_params", shipped / "ema_params")
+  shutil.copy(tmp_path / "run" / "checkpoints" / "2" / "_CHECKPOINT_METADATA", shipped)
+  ema = train.load_ema_params(str(tmp_path / "shipped"))
+  assert isinstance(ema["w"], np.ndarray)
+  np.testing.assert_array_equal(ema["w"], [20.0] * 3)
+  with pytest.raises(FileNotFoundError):
+    train.load_ema_params(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(batch_size=12), "not divisible by the device count 8"),
+    (dict(loss="huber"), "unknown loss 'huber'"),
+    (dict(num_train_steps=5, steps_per_call=2), "multiple of steps_per_call"),
+])
+def test_bad_training_config_fails_before_compute(tmp_path, monkeypatch, digits_npz,
+                                                  overrides, message):
+  monkeypatch.setattr(train, "create_train_state", pytest.fail)
+  config = tiny_config(path=digits_npz)
+  config.training.update(overrides)
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("data, message", [
+    (dict(dataset="mnist"), "unknown dataset 'mnist'"),
+    (dict(dataset="image_folder", path="EMPTY"), "contains no images"),
+])
+def test_bad_data_fails_before_compute(tmp_path, monkeypatch, data, message):
+  monkeypatch.setattr(train, "create_train_state", pytest.fail)
+  (tmp_path / "empty").mkdir()
+  config = tiny_config()
+  config.data.update(data)
+  if config.data.path == "EMPTY":
+    config.data.path = str(tmp_path / "empty")
+  with pytest.raises(ValueError, match=message):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")
