@@ -1,14 +1,9 @@
-"""The DDPM LSUN bedroom 256x256 U-Net with F-PNDM 50 steps (weights via sampler.checkpoint)."""
+"""The DDPM LSUN bedroom 256x256 U-Net: the church network's architecture and sampler."""
 
-from configs import default
+from configs import lsun_church_pndm
 
 
 def get_config():
-  config = default.get_config()
+  config = lsun_church_pndm.get_config()
   config.data.dataset = "lsun_bedroom"
-  config.data.image_size = 256
-  config.model.ch_mult = (1, 1, 2, 2, 4, 4)
-  config.model.dropout = 0.0
-  config.sampler.num_samples = 50_000
-  config.sampler.batch_size = 32
   return config

@@ -8,15 +8,13 @@ checkpoints. Analytic models need no weights at all.
 
 from __future__ import annotations
 
-import dataclasses
 import os
-from typing import Any, Callable
+from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 
-from pndm_jax import analytic, convert, models, schedules, train
+from pndm_jax import analytic, convert, models, sampling, schedules, train
 
 MODEL_NAMES = ("unet", "digits_gmm")
 CONVERTED_DIR = "converted"  # where `main.py --mode=convert` writes into the workdir
@@ -26,15 +24,6 @@ class MissingCheckpointError(FileNotFoundError):
   """No weights to sample from; the message says how to get them."""
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class EpsModel:
-  """apply(params, x, t) -> eps (pure, jittable), its params and one image's HWC shape."""
-
-  apply: Callable[[Any, jax.Array, jax.Array], jax.Array]
-  params: Any
-  image_shape: tuple[int, int, int]
-
-
 def digits_gmm(std: float) -> analytic.GaussianMixture:
   """A mixture of the ten class-mean 8x8 digits (scikit-learn's data) in [-1, 1]."""
   from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
@@ -42,12 +31,6 @@ def digits_gmm(std: float) -> analytic.GaussianMixture:
   means = np.stack([digits.data[digits.target == k].mean(0) for k in range(10)])
   means = means / 16.0 * 2.0 - 1.0
   return analytic.GaussianMixture(np.full(10, 0.1), means, np.full_like(means, std))
-
-
-def _network(model: models.UNet, params: Any) -> EpsModel:
-  apply = lambda p, x, t: models.eps_fn(model, p)(x, t)
-  shape = (model.image_size, model.image_size, model.in_channels)
-  return EpsModel(apply, params, shape)
 
 
 def _raise_missing(workdir: str):
@@ -66,14 +49,14 @@ def check_model_name(name: str) -> str:
   return schedules.check_choice("model", name, MODEL_NAMES)
 
 
-def load(config: ml_collections.ConfigDict, workdir: str) -> EpsModel:
+def load(config: ml_collections.ConfigDict, workdir: str) -> sampling.EpsModel:
   """The EpsModel named by `config.model.name`, with weights resolved as described above."""
   if check_model_name(config.model.name) == "digits_gmm":
     schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     eps_fn = digits_gmm(config.model.gmm_std).eps_fn(schedule, config.sampler.index)
-    return EpsModel(lambda p, x, t: eps_fn(x, t), {}, (8, 8, 1))
+    return sampling.EpsModel(lambda p, x, t: eps_fn(x, t), {}, (8, 8, 1))
 
-  return _network(*load_network(config, config.sampler.checkpoint or
+  return sampling.network_model(*load_network(config, config.sampler.checkpoint or
                                 _workdir_checkpoint(workdir) or _raise_missing(workdir)))
 
 

@@ -11,6 +11,7 @@ shards and never mistakes a partial one for a finished one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,12 +25,26 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from pndm_jax import image_grid, samplers, schedules, sharding
-from pndm_jax.eps_models import EpsModel
+from pndm_jax import image_grid, models, samplers, schedules, sharding
 
 SHARD_PATTERN = "samples_{:05d}.npz"
 META_FILE = "sampling.json"
 SUMMARY_FILE = "summary.json"
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class EpsModel:
+  """apply(params, x, t) -> eps (pure, jittable), its params and one image's HWC shape."""
+
+  apply: Callable[[Any, jax.Array, jax.Array], jax.Array]
+  params: Any
+  image_shape: tuple[int, int, int]
+
+
+def network_model(model: models.UNet, params: Any = None) -> EpsModel:
+  """A U-Net as an EpsModel (params may be passed later, e.g. a training run's EMA)."""
+  apply = lambda p, x, t: models.eps_fn(model, p)(x, t)
+  return EpsModel(apply, params, (model.image_size, model.image_size, model.in_channels))
 
 
 def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -79,6 +94,18 @@ def make_generate_fn(model: EpsModel, config: ml_collections.ConfigDict, mesh: M
   return jax.jit(generate, in_shardings=(replicated, batch), out_shardings=(batch, replicated))
 
 
+def sample_images(generate: Callable, params: Any, indices: np.ndarray, mesh: Mesh,
+                  batch_size: Optional[int] = None) -> tuple[np.ndarray, Any]:
+  """uint8 images for `indices` from `generate`, in device batches padded to the mesh."""
+  batch_size = sharding.round_up(batch_size or len(indices), mesh)
+  parts, nfe = [], None
+  for lo in range(0, len(indices), batch_size):
+    chunk = indices[lo:lo + batch_size]
+    x0, nfe = generate(params, sharding.pad_batch(chunk, batch_size).astype(np.int32))
+    parts.append(image_grid.to_uint8(jax.device_get(x0))[:len(chunk)])
+  return np.concatenate(parts), nfe
+
+
 def _temporary_name(path: str) -> str:
   return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
 
@@ -119,7 +146,6 @@ def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_
   os.makedirs(sample_dir, exist_ok=True)
   _check_or_write_meta(sample_dir, sampler_settings(config))
   mesh = sharding.batch_mesh(devices or jax.local_devices())
-  batch_size = sharding.round_up(s.batch_size, mesh)
   generate = make_generate_fn(model, config, mesh)
 
   num_shards = math.ceil(s.num_samples / s.shard_size)
@@ -131,13 +157,7 @@ def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_
   start, made, nfe_seen = time.perf_counter(), 0, nfe
   for done, k in enumerate(todo, 1):
     indices = np.arange(k * s.shard_size, min((k + 1) * s.shard_size, s.num_samples))
-    parts = []
-    for lo in range(0, len(indices), batch_size):
-      chunk = indices[lo:lo + batch_size]
-      padded = sharding.pad_batch(chunk, batch_size).astype(np.int32)
-      x0, nfe_seen = generate(model.params, padded)
-      parts.append(image_grid.to_uint8(jax.device_get(x0))[:len(chunk)])
-    images = np.concatenate(parts)
+    images, nfe_seen = sample_images(generate, model.params, indices, mesh, s.batch_size)
     _write_atomically(os.path.join(sample_dir, SHARD_PATTERN.format(k)), images=images,
                       indices=indices)
     if s.save_pngs:

@@ -16,12 +16,9 @@ belongs to step `i`, so a run resumed from a checkpoint continues exactly.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
-import sys
 import time
-import types
 from typing import Any, Callable, Mapping, Optional
 
 import flax
@@ -35,76 +32,13 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pndm_jax import image_grid, input_pipeline, samplers, schedules
-from pndm_jax.models import UNet, eps_fn, unet_from_config
-
-# clu 0.0.12 imports TensorFlow from `clu.metric_writers.summary_writer` when any
-# of `clu.metric_writers` (and so `clu.periodic_actions`) is imported
-# (google/CommonLoopUtils#358). Without TensorFlow, that module is served here
-# with a factory for the tensorboardX-backed writer below, so clu's writers,
-# `create_default_writer` and periodic actions work and still write TensorBoard files.
-_SUMMARY_WRITER_MODULE = "clu.metric_writers.summary_writer"
-if (importlib.util.find_spec("tensorflow") is None
-    and _SUMMARY_WRITER_MODULE not in sys.modules):
-  _summary_writer = types.ModuleType(_SUMMARY_WRITER_MODULE)
-  _summary_writer.SummaryWriter = lambda logdir: TensorboardXWriter(logdir)
-  sys.modules[_SUMMARY_WRITER_MODULE] = _summary_writer
-
-from clu import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from clu import periodic_actions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from pndm_jax import image_grid, input_pipeline, sampling, schedules, sharding
+from pndm_jax.metric_logging import metric_writers, periodic_actions
+from pndm_jax.models import UNet, unet_from_config
 
 CHECKPOINT_DIR = "checkpoints"
 SAMPLE_DIR = "samples"
 LOSSES = ("l1", "l2")
-BATCH_AXIS = "batch"
-
-
-class TensorboardXWriter(metric_writers.MetricWriter):
-  """clu's MetricWriter interface over tensorboardX: TensorBoard event files without TensorFlow."""
-
-  def __init__(self, logdir: str):
-    import tensorboardX  # pylint: disable=g-import-not-at-top
-
-    self._writer = tensorboardX.SummaryWriter(logdir)
-
-  def write_scalars(self, step: int, scalars: Mapping[str, Any]):
-    for key, value in scalars.items():
-      self._writer.add_scalar(key, float(value), global_step=step)
-
-  def write_images(self, step: int, images: Mapping[str, Any]):
-    for key, value in images.items():
-      value = np.asarray(value)
-      if value.ndim == 3:
-        value = value[None]
-      self._writer.add_images(key, value, global_step=step, dataformats="NHWC")
-
-  def write_texts(self, step: int, texts: Mapping[str, str]):
-    for key, value in texts.items():
-      self._writer.add_text(key, value, global_step=step)
-
-  def write_histograms(self, step: int, arrays: Mapping[str, Any],
-                       num_buckets: Optional[Mapping[str, int]] = None):
-    for key, value in arrays.items():
-      bins = (num_buckets or {}).get(key, "tensorflow")
-      self._writer.add_histogram(key, np.asarray(value), global_step=step, bins=bins)
-
-  def write_hparams(self, hparams: Mapping[str, Any]):
-    self._writer.add_text("hparams", "\n".join(f"{k}: {v}" for k, v in sorted(hparams.items())))
-
-  def write_summaries(self, step, values, metadata=None):
-    raise NotImplementedError("raw TensorFlow summaries need TensorFlow")
-
-  def write_videos(self, step, videos):
-    raise NotImplementedError("TensorboardXWriter does not write videos")
-
-  def write_audios(self, step, audios, *, sample_rate):
-    raise NotImplementedError("TensorboardXWriter does not write audio")
-
-  def flush(self):
-    self._writer.flush()
-
-  def close(self):
-    self._writer.close()
 
 
 @flax.struct.dataclass
@@ -190,14 +124,9 @@ def train_step(state: TrainState, x0: jax.Array, *, model: UNet,
 # ----------------------------------------------------------------------------- sharding
 
 
-def make_mesh(devices: Optional[list[jax.Device]] = None) -> Mesh:
-  """A 1-D mesh over `devices` (default: all) whose single axis shards the batch."""
-  return Mesh(np.asarray(jax.devices() if devices is None else devices), (BATCH_AXIS,))
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
+def steps_batch_sharding(mesh: Mesh) -> NamedSharding:
   """Sharding of the [steps_per_call, global_batch, H, W, C] arrays the train function takes."""
-  return NamedSharding(mesh, P(None, BATCH_AXIS))
+  return NamedSharding(mesh, P(None, sharding.BATCH_AXIS))
 
 
 def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.Array,
@@ -211,7 +140,7 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.A
                       ema_params=jax.tree.map(jnp.copy, params),  # own buffers: state is donated
                       opt_state=tx.init(params))
 
-  return jax.jit(init, out_shardings=NamedSharding(mesh, P()))(key)
+  return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
 
 
 def make_train_fn(model: UNet, tx: optax.GradientTransformation, schedule: schedules.Schedule,
@@ -236,8 +165,8 @@ def make_train_fn(model: UNet, tx: optax.GradientTransformation, schedule: sched
     state, metrics = step(state, batches[0])
     return state, jax.tree.map(lambda m: m[None], metrics)
 
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(train_fn, in_shardings=(replicated, batch_sharding(mesh)),
+  replicated = sharding.replicated(mesh)
+  return jax.jit(train_fn, in_shardings=(replicated, steps_batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
@@ -341,31 +270,6 @@ def load_ema_params(path: str, step: Optional[int] = None) -> Any:
 # ----------------------------------------------------------------------------- samples
 
 
-def make_sample_fn(model: UNet, schedule: schedules.Schedule,
-                   sampler: ml_collections.ConfigDict, mesh: Mesh
-                   ) -> Callable[[Any, tuple[int, ...]], np.ndarray]:
-  """sample(params, shape) -> uint8 NHWC images from the configured sampler.
-
-  x_T is seeded by sampler.seed, so grids from different steps share their
-  noise. The batch is sharded over the mesh when it divides evenly.
-  """
-
-  @jax.jit
-  def run(params, x_T):
-    x0, _ = samplers.sample(eps_fn(model, params), x_T, schedule, method=sampler.method,
-                            num_steps=sampler.num_steps, index=sampler.index, grid=sampler.grid,
-                            rng=jax.random.key(sampler.seed), eta=sampler.eta)
-    return x0
-
-  def sample(params, shape):
-    x_T = np.random.default_rng(sampler.seed).standard_normal(shape, dtype=np.float32)
-    spec = P(BATCH_AXIS) if shape[0] % mesh.size == 0 else P()
-    x0 = run(params, jax.device_put(x_T, NamedSharding(mesh, spec)))
-    return image_grid.to_uint8(jax.device_get(x0))
-
-  return sample
-
-
 # ----------------------------------------------------------------------------- the loop
 
 
@@ -394,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   images/s) is measured over training only, not checkpointing or sampling.
   """
   training, data = config.training, config.data
-  mesh = make_mesh()
+  mesh = sharding.batch_mesh()
   check_config(config, mesh.size)
   dataset = input_pipeline.create_dataset(data, training.batch_size, config.seed, mesh.size)
   schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -414,9 +318,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   report = periodic_actions.ReportProgress(num_train_steps=training.num_train_steps,
                                            every_steps=training.log_every, every_secs=None)
   train_fn = make_train_fn(model, tx, schedule, config, mesh, train_key)
-  sample_fn = make_sample_fn(model, schedule, config.sampler, mesh)
+  generate = sampling.make_generate_fn(sampling.network_model(model), config, mesh)
+  grid_indices = np.arange(training.num_grid_samples)
   k = training.steps_per_call
-  batches = input_pipeline.device_batches(dataset, step, k, batch_sharding(mesh))
+  batches = input_pipeline.device_batches(dataset, step, k, steps_batch_sharding(mesh))
   pending, last = [], (step, time.perf_counter())  # throughput since (step, time)
   try:
     while step < training.num_train_steps:
@@ -441,9 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         last = (step, time.perf_counter())
       if _crossed(step, k, training.sample_every) or (done and training.sample_every > 0):
         with report.timed("sample"):
-          shape = (training.num_grid_samples, data.image_size, data.image_size,
-                   data.num_channels)
-          images = sample_fn(state.ema_params, shape)
+          images = sampling.sample_images(generate, state.ema_params, grid_indices, mesh)
           if is_chief:
             nrow = math.ceil(math.sqrt(len(images)))
             image_grid.save_image_grid(images, os.path.join(workdir, SAMPLE_DIR,

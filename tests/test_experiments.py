@@ -43,3 +43,14 @@ def test_manifold_quick(tmp_path):
   assert all(0.0 <= float(r["on_data_fraction"]) <= 1.0 for r in rows)
   check_png(tmp_path / "manifold.png")
   assert "| ddim |" in open(tmp_path / "manifold.md").read()
+
+
+def test_quality_vs_steps_quick(tmp_path):
+  stdout = run_experiment("quality_vs_steps", tmp_path / "out", f"--workdir={tmp_path / 'run'}")
+  rows = list(csv.DictReader(open(tmp_path / "out" / "quality.csv")))
+  assert [r["method"] for r in rows] == ["ddim", "s-pndm", "f-pndm", "fon"]
+  assert [int(r["nfe"]) for r in rows] == [10, 11, 19, 19]
+  assert all(float(r["fd_digits"]) > 0 and int(r["num_images"]) == 200 for r in rows)
+  check_png(tmp_path / "out" / "quality_vs_nfe.png")
+  assert "FD-digits" in open(tmp_path / "out" / "quality.md").read()
+  assert "fd_digits" in stdout

@@ -57,7 +57,7 @@ def test_device_count_invariance_unet(tmp_path):
   unet = models.UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                      dropout=0.0, in_channels=1, out_channels=1, image_size=8)
   params = unet.init(jax.random.key(0), np.zeros((1, 8, 8, 1)), np.zeros((1,)))["params"]
-  model = eps_models.EpsModel(lambda p, x, t: models.eps_fn(unet, p)(x, t), params, (8, 8, 1))
+  model = sampling.network_model(unet, params)
   config = gmm_config(num_samples=16, shard_size=16, num_steps=5, method="ddim")
   outs = []
   for name, devs in [("one", jax.devices()[:1]), ("eight", jax.devices())]:
@@ -131,6 +131,17 @@ def test_main_sample_gmm_with_overrides(tmp_path):
   assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
   with Image.open(tmp_path / "samples" / "grid.png") as grid:
     assert grid.size[0] > 8 and np.asarray(grid).std() > 0
+
+
+def test_main_sample_shipped_digits_model(tmp_path):
+  result = run_main("--config=configs/digits_pndm.py", f"--workdir={tmp_path}",
+                    "--config.sampler.num_samples=16", "--config.sampler.num_steps=10")
+  assert result.returncode == 0, result.stderr
+  images, indices = read_all(tmp_path / "samples")
+  assert images.shape == (16, 8, 8, 1) and images.dtype == np.uint8
+  assert list(indices) == list(range(16)) and images.std() > 10
+  with Image.open(tmp_path / "samples" / "grid.png") as grid:
+    assert grid.size == (4 * 34 + 2, 4 * 34 + 2)  # 4x4 digits enlarged to 32 px, 2 px gaps
 
 
 TINY_UNET_FLAGS = ["--config.model.name=unet", "--config.model.ch=32",

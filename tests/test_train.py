@@ -18,7 +18,7 @@ import tensorflow_datasets as tfds
 from sklearn import datasets
 
 from configs import default, digits_train
-from pndm_jax import schedules, train
+from pndm_jax import schedules, sharding, train
 from pndm_jax.models import unet_from_config
 
 
@@ -96,7 +96,7 @@ def test_learning_rate_warms_up_linearly():
 
 def test_loss_goes_down_and_ema_matches_numpy(fixed_batch):
   config = tiny_config()
-  state, train_fn = build(config, train.make_mesh())
+  state, train_fn = build(config, sharding.batch_mesh())
   decay = config.training.ema_decay
   ema = jax.device_get(state.params)
   losses = []
@@ -112,7 +112,7 @@ def test_loss_goes_down_and_ema_matches_numpy(fixed_batch):
 
 def test_sharded_step_matches_one_device(fixed_batch):
   config = tiny_config()
-  mesh1, mesh8 = train.make_mesh(jax.devices()[:1]), train.make_mesh()
+  mesh1, mesh8 = sharding.batch_mesh(jax.devices()[:1]), sharding.batch_mesh()
   assert mesh8.size == 8
   state8, fn8 = build(config, mesh8)
   _, fn1 = build(config, mesh1, with_state=False)
@@ -129,7 +129,7 @@ def test_sharded_step_matches_one_device(fixed_batch):
 
 
 def test_scanned_steps_match_single_steps(fixed_batch):
-  state, train_fn = build(tiny_config(), train.make_mesh())
+  state, train_fn = build(tiny_config(), sharding.batch_mesh())
   scanned, m2 = train_fn(jax.tree.map(jnp.copy, state), np.concatenate([fixed_batch] * 2))
   for i in range(2):
     state, m1 = train_fn(state, fixed_batch)
