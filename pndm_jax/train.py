@@ -346,7 +346,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
         last = (step, time.perf_counter())
       if _crossed(step, k, training.sample_every) or (done and training.sample_every > 0):
         with report.timed("sample"):
-          images = sampling.sample_images(generate, state.ema_params, grid_indices, mesh)
+          images, _ = sampling.sample_images(generate, state.ema_params, grid_indices, mesh)
           if is_chief:
             nrow = math.ceil(math.sqrt(len(images)))
             image_grid.save_image_grid(images, os.path.join(workdir, SAMPLE_DIR,
