@@ -51,7 +51,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.training.log_every = 100
   config.training.checkpoint_every = 5000
   config.training.keep_checkpoints = 3
-  config.training.restore_fallback = False  # unreadable latest checkpoint: error, or use the previous
+  config.training.restore_fallback = False  # unreadable latest checkpoint: error (or the previous)
   config.training.sample_every = 10_000     # sample grid PNG from the EMA params (0 = never)
   config.training.num_grid_samples = 64
 

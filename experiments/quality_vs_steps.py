@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 
 import matplotlib
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 

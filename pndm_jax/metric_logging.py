@@ -24,6 +24,8 @@ if (importlib.util.find_spec("tensorflow") is None
 from clu import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
 from clu import periodic_actions  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+__all__ = ["metric_writers", "periodic_actions", "TensorboardXWriter"]
+
 
 class TensorboardXWriter(metric_writers.MetricWriter):
   """clu's MetricWriter interface over tensorboardX: TensorBoard event files without TensorFlow."""

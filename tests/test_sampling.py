@@ -121,7 +121,7 @@ def run_main(*args):
 def test_main_sample_gmm_with_overrides(tmp_path):
   result = run_main("--config=configs/gmm_pndm.py", "--mode=sample", f"--workdir={tmp_path}",
                     "--config.sampler.method=s-pndm", "--config.sampler.num_steps=20",
-                    "--config.sampler.num_samples=10")
+                    "--config.sampler.num_samples=10", "--config.sampler.save_pngs=True")
   assert result.returncode == 0, result.stderr
   summary = json.load(open(tmp_path / "samples" / "summary.json"))
   assert summary["nfe_per_image"] == 21 and summary["method"] == "s-pndm"
@@ -129,6 +129,10 @@ def test_main_sample_gmm_with_overrides(tmp_path):
   assert resolved["sampler"]["method"] == "s-pndm" and resolved["sampler"]["num_steps"] == 20
   images, _ = read_all(tmp_path / "samples")
   assert images.shape == (10, 8, 8, 1) and images.dtype == np.uint8
+  pngs = sorted(os.listdir(tmp_path / "samples" / "png"))
+  assert pngs == [f"{i:06d}.png" for i in range(10)]
+  assert np.array_equal(np.asarray(Image.open(tmp_path / "samples" / "png" / pngs[3])),
+                        images[3, :, :, 0])
   with Image.open(tmp_path / "samples" / "grid.png") as grid:
     assert grid.size[0] > 8 and np.asarray(grid).std() > 0
 
@@ -152,9 +156,10 @@ TINY_UNET_FLAGS = ["--config.model.name=unet", "--config.model.ch=32",
 def test_main_convert_then_sample_a_diffusers_folder(tmp_path):
   from diffusers_models import diffusers_unet  # torch only where conversion is tested
   folder = tmp_path / "ddpm-tiny"
-  diffusers_unet(dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
-                      up_block_types=("AttnUpBlock2D", "UpBlock2D"), sample_size=8,
-                      in_channels=1, out_channels=1)).save_pretrained(folder)
+  arch = dict(block_out_channels=(32, 64), down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+              up_block_types=("AttnUpBlock2D", "UpBlock2D"), sample_size=8, in_channels=1,
+              out_channels=1)
+  diffusers_unet(arch).save_pretrained(folder)
   workdir = tmp_path / "run"
   common = ["--config=configs/gmm_pndm.py", f"--workdir={workdir}", *TINY_UNET_FLAGS]
   result = run_main(*common, "--mode=convert", f"--config.sampler.checkpoint={folder}")
@@ -168,7 +173,8 @@ def test_main_convert_then_sample_a_diffusers_folder(tmp_path):
 
   (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
   before = sorted(os.listdir(workdir / "converted"))
-  result = run_main(*common, "--mode=convert", f"--config.sampler.checkpoint={tmp_path}/broken.ckpt")
+  result = run_main(*common, "--mode=convert",
+                    f"--config.sampler.checkpoint={tmp_path / 'broken.ckpt'}")
   assert result.returncode == 2 and "broken.ckpt" in result.stderr
   assert "Traceback" not in result.stderr
   assert sorted(os.listdir(workdir / "converted")) == before
