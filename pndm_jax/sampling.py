@@ -96,23 +96,23 @@ def make_generate_fn(model: EpsModel, config: ml_collections.ConfigDict, mesh: M
 
 def sample_images(generate: Callable, params: Any, indices: np.ndarray, mesh: Mesh,
                   batch_size: Optional[int] = None) -> tuple[np.ndarray, Any]:
-  """uint8 images for `indices` from `generate`, in device batches padded to the mesh."""
+  """uint8 images for `indices` from `generate`, in device batches padded to the mesh.
+
+  Every batch is dispatched before any result is fetched, so the devices never
+  wait on the host between batches.
+  """
   batch_size = sharding.round_up(batch_size or len(indices), mesh)
-  parts, nfe = [], None
-  for lo in range(0, len(indices), batch_size):
-    chunk = indices[lo:lo + batch_size]
-    x0, nfe = generate(params, sharding.pad_batch(chunk, batch_size).astype(np.int32))
-    parts.append(image_grid.to_uint8(jax.device_get(x0))[:len(chunk)])
-  return np.concatenate(parts), nfe
-
-
-def _temporary_name(path: str) -> str:
-  return os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+  chunks = [indices[lo:lo + batch_size] for lo in range(0, len(indices), batch_size)]
+  outputs = [generate(params, sharding.pad_batch(c, batch_size).astype(np.int32))
+             for c in chunks]
+  images = [image_grid.to_uint8(jax.device_get(x0))[:len(c)]
+            for c, (x0, _) in zip(chunks, outputs)]
+  return np.concatenate(images), outputs[-1][1]
 
 
 def _write_atomically(path: str, **arrays: np.ndarray) -> None:
   """Writes under a hidden temporary name, then renames: a shard exists only when complete."""
-  tmp = _temporary_name(path)
+  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
   with open(tmp, "wb") as f:
     np.savez(f, **arrays)
   os.replace(tmp, path)
@@ -121,12 +121,13 @@ def _write_atomically(path: str, **arrays: np.ndarray) -> None:
 def _check_or_write_meta(sample_dir: str, settings: dict[str, Any]) -> None:
   """Refuses to mix shards of different settings in one directory; loses nothing."""
   path = os.path.join(sample_dir, META_FILE)
+  settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
   if os.path.exists(path):
     with open(path) as f:
       existing = json.load(f)
-    if existing != json.loads(json.dumps(settings)):
+    if existing != settings:
       changed = sorted(k for k in set(existing) | set(settings)
-                       if existing.get(k) != json.loads(json.dumps(settings)).get(k))
+                       if existing.get(k) != settings.get(k))
       raise ValueError(f"{sample_dir} holds samples made with other settings (differing: "
                        f"{', '.join(changed)}); use another --workdir or remove that directory")
   elif jax.process_index() == 0:
