@@ -40,7 +40,8 @@ FULL = dict(models=("gaussian", "mixture"), schedules=("linear", "cosine"),
             fit=(20, 50, 100, 200),
             methods=tuple(f"{tr}-{g}" for tr in samplers.TRANSFERS
                           for g in ("euler", "heun", "rk4", "lms2-heun", "lms3-rk4",
-                                    "lms4-rk4", "lms4-ramp")))
+                                    "lms4-rk4", "lms4-ramp"))
+            + ("pseudo-vlms3-rk4", "pseudo-vlms4-rk4"))
 QUICK = dict(models=("gaussian",), schedules=("linear",), indices=("consistent",),
              steps=(10, 20, 40), fit=(10, 20, 40),
              methods=("pseudo-euler", "pseudo-lms2-heun", "pseudo-lms4-rk4", "classical-lms4-rk4"))

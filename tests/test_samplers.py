@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from pndm_jax import analytic, samplers, schedules
+from pndm_jax.samplers import gradients
 
 # --- an independent float64 numpy re-implementation of the reference loops ('paper') ---
 
@@ -132,6 +133,25 @@ def test_every_pseudo_method_converges(x64, method):
   assert np.all(np.diff(errors) < 0), errors
 
 
+def test_variable_step_plms_in_sigma_keeps_high_order(x64):
+  errors = gaussian_errors("pseudo-vlms4-rk4", STEPS)
+  assert np.all(np.diff(errors) < 0) and fitted_order(STEPS, errors) >= 2.5
+  assert fitted_order(STEPS, gaussian_errors("f-pndm", STEPS)) < 2.0  # what it fixes
+
+
+def test_variable_step_weights_integrate_the_interpolant_exactly():
+  rng = np.random.default_rng(0)
+  for k in (1, 2, 3, 4):
+    nodes = np.sort(rng.uniform(1.0, 5.0, k))  # newest first: sigma grows into the past
+    start, end = nodes[0], nodes[0] - rng.uniform(0.1, 1.0)
+    poly = np.polynomial.Polynomial(rng.standard_normal(k))  # degree k - 1: interpolated exactly
+    exact = (poly.integ()(end) - poly.integ()(start)) / (end - start)
+    weights = gradients.variable_step_weights(nodes, start, end)
+    assert np.isclose(weights @ poly(nodes), exact, rtol=1e-10)
+    equal = gradients.variable_step_weights(start + 0.3 * np.arange(k), start, start - 0.3)
+    assert np.allclose(equal, gradients.MULTISTEP_WEIGHTS[k], rtol=1e-12)
+
+
 def test_fpndm_50_steps_beats_ddim_500_steps(x64):
   assert gaussian_errors("f-pndm", [50])[0] < gaussian_errors("ddim", [500])[0]
 
@@ -151,7 +171,7 @@ def test_reference_solution_matches_closed_form(x64):
 NFE_CASES = [("ddim", 10, 10), ("s-pndm", 10, 11), ("f-pndm", 10, 19), ("fon", 10, 19),
              ("f-pndm", 30, 40), ("ddpm", 10, 10), ("classical-heun", 5, 10),
              ("pseudo-rk4", 5, 20), ("pseudo-lms3-heun", 8, 10), ("pseudo-lms4-ramp", 8, 8),
-             ("pseudo-lms2-euler", 8, 8), ("ddim", 6, 7)]  # S=6: skip 166, 7 steps
+             ("pseudo-lms2-euler", 8, 8), ("pseudo-vlms4-rk4", 10, 19), ("ddim", 6, 7)]  # S=6: skip 166, 7 steps
 
 
 @pytest.mark.parametrize("method, num_steps, expected", NFE_CASES)
@@ -289,6 +309,7 @@ def test_ddim_eta_zero_equals_deterministic_ddim(x64):
     (dict(method="dpm-solver"), "valid choices: ddpm, ddim, s-pndm, f-pndm, fon, pf"),
     (dict(method="pseudo-rk5"), "euler, heun, rk4, lms2, lms3, lms4"),
     (dict(method="pseudo-lms3"), "needs a warmup"),
+    (dict(method="classical-vlms4-rk4"), "integrates in sigma"),
     (dict(method="f-pndm", index="shifted"), "paper, consistent"),
     (dict(method="f-pndm", grid="log"), "uniform, linspace"),
     (dict(method="ddim", num_steps=0), "num_steps must be in"),

@@ -64,7 +64,11 @@ def sample(eps_fn: EpsFn, x_T: jax.Array, schedule: schedules.Schedule,
     (x, _), _ = jax.lax.scan(body, (x_T, None), steps)
     return x
 
-  slots, weights = gradients.ring_weights(method.order, len(t), method.warmup == "ramp")
+  nodes = None
+  if method.gradient.startswith("v"):  # integrate in sigma, the pseudo transfer's variable
+    a = schedule.alpha_bar(np.append(t, t_next[-1]), index)
+    nodes = np.sqrt((1.0 - a) / a)
+  slots, weights = gradients.ring_weights(method.order, len(t), method.warmup == "ramp", nodes)
   steps = per_step_arrays(x_T, {**coefficients, "weights": weights}, times)
   steps["slot"] = jnp.asarray(slots)
   ring = jnp.zeros((method.order,) + x_T.shape, x_T.dtype)

@@ -16,7 +16,9 @@ from pndm_jax.samplers import gradients
 
 TRANSFERS = ("pseudo", "classical")
 SINGLE_STEP = tuple(gradients.SINGLE_STEP_RULES)
-MULTISTEP = ("lms2", "lms3", "lms4")
+# lmsK: the paper's PLMS coefficients (equal steps assumed); vlmsK: variable-step weights that
+# integrate the eps interpolant exactly over [sigma, sigma'] (pseudo transfer only).
+MULTISTEP = ("lms2", "lms3", "lms4", "vlms2", "vlms3", "vlms4")
 GRADIENTS = SINGLE_STEP + MULTISTEP
 WARMUPS = SINGLE_STEP + ("ramp",)  # "ramp": lower-order multistep, 1 eval per step
 VARIANCES = ("fixedsmall", "fixedlarge")
@@ -41,11 +43,14 @@ class Deterministic:
     elif self.warmup is not None:
       raise ValueError(f"single-step gradient part {self.gradient!r} takes no warmup, "
                        f"got {self.warmup!r}")
+    if self.gradient.startswith("v") and self.transfer != "pseudo":
+      raise ValueError(f"{self.gradient!r} integrates in sigma, the pseudo transfer's variable; "
+                       f"use transfer 'pseudo' or gradient {self.gradient[1:]!r}")
 
   @property
   def order(self) -> int:
     """History length of a multistep part (0 for single-step parts)."""
-    return int(self.gradient[3:]) if self.gradient in MULTISTEP else 0
+    return int(self.gradient[-1]) if self.gradient in MULTISTEP else 0
 
   @property
   def warmup_steps(self) -> int:
