@@ -3,11 +3,12 @@ end-to-end sample-directory evaluation."""
 
 import itertools
 import json
-import pickle
 
 import jax
 import numpy as np
 import pytest
+
+from fid_weights import random_jax_fid_pickle
 
 from pndm_jax.evaluation import digits_classifier, fid, inception
 
@@ -163,36 +164,6 @@ def test_digits_params_file_and_input_boundary(digits_params, tmp_path):
 
 # --- end to end --------------------------------------------------------------
 
-def _random_jax_fid_pickle(path, seed=0):
-  """Random He-scaled weights in jax-fid's nested pickle layout."""
-  rng = np.random.default_rng(seed)
-  shapes = inception.variable_shapes()
-
-  def fill(node):
-    out = {}
-    for key, sub in node.items():
-      if isinstance(sub, dict):
-        out[key] = fill(sub)
-      elif key == "kernel":
-        std = np.sqrt(2 / np.prod(sub.shape[:3]))  # He init over kh * kw * in
-        out[key] = (std * rng.standard_normal(sub.shape)).astype(np.float32)
-      elif key in ("scale", "var"):
-        out[key] = rng.uniform(0.8, 1.2, sub.shape).astype(np.float32)
-      else:
-        out[key] = (0.1 * rng.standard_normal(sub.shape)).astype(np.float32)
-    return out
-
-  tree = fill(shapes["params"])
-  stats = fill(shapes["batch_stats"])
-  for name in inception.conv_layer_names():
-    node, stat = tree, stats
-    for part in name.split("."):
-      node, stat = node[part], stat[part]
-    node["bn"].update(stat["bn"])
-  with open(path, "wb") as f:
-    pickle.dump(tree, f)
-
-
 def test_evaluate_sample_dir_end_to_end(tmp_path, monkeypatch):
   rng = np.random.default_rng(10)
   images = rng.integers(0, 256, (5, 12, 12, 3), dtype=np.uint8)
@@ -201,7 +172,7 @@ def test_evaluate_sample_dir_end_to_end(tmp_path, monkeypatch):
   np.savez(sample_dir / "samples_00000.npz", images=images[:3], indices=np.arange(3))
   np.savez(sample_dir / "samples_00001.npz", images=images[3:], indices=np.arange(3, 5))
   weights = str(tmp_path / "inception_v3_weights_fid.pickle")
-  _random_jax_fid_pickle(weights)
+  random_jax_fid_pickle(weights)
   ref_mu, ref_sigma = _random_gaussian(rng, inception.FEATURE_DIM)
   stats_file = str(tmp_path / "ref_stats.npz")
   fid.save_stats(stats_file, ref_mu, ref_sigma)

@@ -7,7 +7,9 @@ import sys
 
 import numpy as np
 
-from pndm_jax.evaluation import fid
+from fid_weights import random_jax_fid_pickle
+
+from pndm_jax.evaluation import fid, inception
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,6 +41,27 @@ def test_stats_then_sample_then_eval(tmp_path):
   assert record["nfe"] == 29 and record["method"] == "f-pndm" and record["num_steps"] == 20
   assert record["stats_sha256"] == fid.file_sha256(str(tmp_path / "digits_stats.npz"))
   assert record["weights_sha256"] == fid.file_sha256(str(tmp_path / "classifier.msgpack"))
+
+
+def test_fid_eval_with_random_inception_weights(tmp_path):
+  samples = tmp_path / "run" / "samples"
+  samples.mkdir(parents=True)
+  rng = np.random.default_rng(0)
+  for k in range(2):
+    np.savez(samples / f"samples_{k:05d}.npz", indices=np.arange(3 * k, 3 * k + 3),
+             images=rng.integers(0, 256, (3, 8, 8, 1), dtype=np.uint8))
+  weights, stats = tmp_path / "inception.pickle", tmp_path / "stats.npz"
+  random_jax_fid_pickle(str(weights))
+  a = rng.standard_normal((inception.FEATURE_DIM, 8))
+  fid.save_stats(str(stats), rng.standard_normal(inception.FEATURE_DIM), a @ a.T)
+  result = run_main("--mode=eval", f"--workdir={tmp_path / 'run'}", "--config.eval.metric=fid",
+                    f"--config.eval.inception_weights={weights}",
+                    f"--config.eval.stats_file={stats}", "--config.eval.batch_size=8")
+  assert result.returncode == 0, result.stderr
+  record = json.load(open(tmp_path / "run" / "fid.json"))
+  assert record["num_images"] == 6 and record["num_shards"] == 2
+  assert np.isfinite(record["fid"]) and record["fid"] > 0
+  assert record["weights_sha256"] == fid.file_sha256(str(weights))
 
 
 def test_eval_without_stats_file_fails_before_compute(tmp_path):
