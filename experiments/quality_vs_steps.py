@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import report  # noqa: E402
-from pndm_jax import eps_models, sampling  # noqa: E402
+from pndm_jax import eps_models, input_pipeline, sampling  # noqa: E402
 from pndm_jax.evaluation import digits_classifier, fid  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/digits_pndm.py", "Model/sampler config.")
@@ -59,7 +59,7 @@ def reference_stats(metric: str, weights: str, workdir: str) -> str:
                      "e.g. from main.py --mode=stats)")
   path = os.path.join(workdir, "digits_fd_stats.npz")
   if not os.path.exists(path):
-    images, _ = digits_classifier.digits_data()
+    images, _ = input_pipeline.digits_with_labels()
     feature_fn = fid.feature_fn_for(metric, weights, batch_size=512)
     fid.save_stats(path, *fid.compute_stats_from_images(images, feature_fn))
   return path

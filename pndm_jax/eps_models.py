@@ -14,7 +14,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from pndm_jax import analytic, convert, models, sampling, schedules, train
+from pndm_jax import analytic, convert, input_pipeline, models, sampling, schedules, train
 
 MODEL_NAMES = ("unet", "digits_gmm")
 CONVERTED_DIR = "converted"  # where `main.py --mode=convert` writes into the workdir
@@ -26,10 +26,9 @@ class MissingCheckpointError(FileNotFoundError):
 
 def digits_gmm(std: float) -> analytic.GaussianMixture:
   """A mixture of the ten class-mean 8x8 digits (scikit-learn's data) in [-1, 1]."""
-  from sklearn.datasets import load_digits  # pylint: disable=import-outside-toplevel
-  digits = load_digits()
-  means = np.stack([digits.data[digits.target == k].mean(0) for k in range(10)])
-  means = means / 16.0 * 2.0 - 1.0
+  images, labels = input_pipeline.digits_with_labels()
+  images = images.reshape(len(images), -1).astype(np.float64)
+  means = np.stack([images[labels == k].mean(0) for k in range(10)])
   return analytic.GaussianMixture(np.full(10, 0.1), means, np.full_like(means, std))
 
 

@@ -100,15 +100,22 @@ class ImageFolder:
     return resize(to_float(center_square(pixels)), self.image_size)
 
 
+def digits_with_labels() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 1797 8x8 digits (17 grey levels, /16 -> [-1, 1]) as [N, 8, 8, 1], labels."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+
+  digits = datasets.load_digits()
+  images = digits.images.astype(np.float32)[..., None] / 8.0 - 1.0
+  return images, digits.target.astype(np.int32)
+
+
 def load_digits(image_size: int, fit: str = "resize") -> np.ndarray:
-  """scikit-learn's 8x8 digits (17 grey levels, /16 -> [-1, 1]) as [1797, S, S, 1].
+  """The digits of `digits_with_labels` as [1797, S, S, 1].
 
   `fit` brings them to image_size > 8: `resize` (bilinear) or `pad` (centred on
   a background of -1, the digits' own background).
   """
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top
-
-  images = datasets.load_digits().images.astype(np.float32)[..., None] / 8.0 - 1.0
+  images, _ = digits_with_labels()
   if image_size == 8:
     return images
   if image_size < 8:

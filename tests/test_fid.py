@@ -10,6 +10,7 @@ import pytest
 
 from fid_weights import random_jax_fid_pickle
 
+from pndm_jax import input_pipeline
 from pndm_jax.evaluation import digits_classifier, fid, inception
 
 
@@ -134,7 +135,7 @@ def test_digits_classifier_accuracy(digits_params):
 
 
 def test_fd_digits_halves_versus_noise(digits_params):
-  x, _ = digits_classifier.digits_data()
+  x, _ = input_pipeline.digits_with_labels()
   order = np.random.default_rng(8).permutation(len(x))
   half_a, half_b = x[order[:898]], x[order[898:]]
   noise = np.random.default_rng(9).uniform(-1, 1, half_a.shape).astype(np.float32)

@@ -31,6 +31,8 @@ def ref_sample(method, x, a_table, num_steps):
   seq = list(range(0, n, n // num_steps))
   seq_next = [-1] + seq[:-1]
   eps = lambda x, t: toy_eps(np, x, np.full(x.shape[0], float(t)))
+  plms = lambda h: (55 * h[-1] - 59 * h[-2] + 37 * h[-3] - 9 * h[-4]) / 24
+  rk4_mean = lambda k1, k2, k3, k4: (k1 + 2 * k2 + 2 * k3 + k4) / 6
   history = []
   for t, t_next in zip(reversed(seq), reversed(seq_next)):
     if method == "ddim":
@@ -48,7 +50,7 @@ def ref_sample(method, x, a_table, num_steps):
     elif method == "f-pndm":
       if len(history) > 2:
         history.append(eps(x, t))
-        e = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
+        e = plms(history)
       else:
         m = (t + t_next) / 2
         e1 = eps(x, t)
@@ -56,14 +58,14 @@ def ref_sample(method, x, a_table, num_steps):
         e2 = eps(ref_transfer(x, t, m, e1, a_table), m)
         e3 = eps(ref_transfer(x, t, m, e2, a_table), m)
         e4 = eps(ref_transfer(x, t, t_next, e3, a_table), t_next)
-        e = (e1 + 2 * e2 + 2 * e3 + e4) / 6
+        e = rk4_mean(e1, e2, e3, e4)
       x = ref_transfer(x, t, t_next, e, a_table)
     elif method == "fon":
       h = t - t_next
       delta = lambda x_eval, s: ref_transfer(x, t, t - 1, eps(x_eval, s), a_table) - x
       if len(history) > 2:
         history.append(delta(x, t))
-        d = (55 * history[-1] - 59 * history[-2] + 37 * history[-3] - 9 * history[-4]) / 24
+        d = plms(history)
       else:
         m = (t + t_next) / 2
         d1 = delta(x, t)
@@ -71,7 +73,7 @@ def ref_sample(method, x, a_table, num_steps):
         d2 = delta(x + d1 * h / 2, m)
         d3 = delta(x + d2 * h / 2, m)
         d4 = delta(x + d3 * h, t_next)
-        d = (d1 + 2 * d2 + 2 * d3 + d4) / 6
+        d = rk4_mean(d1, d2, d3, d4)
       x = x + d * h
   return x
 

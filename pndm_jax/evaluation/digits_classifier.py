@@ -25,6 +25,8 @@ import numpy as np
 import optax
 from flax import serialization
 
+from pndm_jax import input_pipeline
+
 IMAGE_SIZE = 8
 FEATURE_DIM = 64
 NUM_CLASSES = 10
@@ -77,18 +79,10 @@ def logits(params: Params, images: jax.Array) -> jax.Array:
   return DigitsCNN().apply({"params": params}, preprocess(images))[1]
 
 
-def digits_data() -> tuple[np.ndarray, np.ndarray]:
-  """All 1797 sklearn digits as float32 (N, 8, 8, 1) in [-1, 1], and labels."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  data = load_digits()
-  x = (data.images.astype(np.float32) / 16.0) * 2.0 - 1.0
-  return x[..., None], data.target.astype(np.int32)
-
-
 def digits_split() -> tuple[tuple[np.ndarray, np.ndarray],
                             tuple[np.ndarray, np.ndarray]]:
-  """A fixed (train, held-out) split of `digits_data()`, 80% / 20%."""
-  x, y = digits_data()
+  """A fixed (train, held-out) split of the digits, 80% / 20%."""
+  x, y = input_pipeline.digits_with_labels()
   order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
   n_test = int(round(HELD_OUT_FRACTION * len(x)))
   test, train = order[:n_test], order[n_test:]
