@@ -1,7 +1,9 @@
 """The DDIM CelebA-64 U-Net, linear schedule, F-PNDM 50 steps, `paper` convention.
 
-Weights: the DDIM repository's CelebA `.ckpt` (EMA), given as
---config.sampler.checkpoint=PATH (or converted first with --mode=convert).
+Weights: the DDIM repository's CelebA `.ckpt`, given as --config.sampler.checkpoint=PATH (or
+converted first with --mode=convert). It is a 5-entry list [model, optimizer, epoch, step, EMA];
+the default checkpoint_list_entry=-1 reads the EMA entry (the last), the weights its published
+samples use; --config.sampler.checkpoint_list_entry=0 reads the raw training weights.
 """
 
 from configs import default

@@ -64,10 +64,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampler.num_samples = 64
   config.sampler.batch_size = 64
   config.sampler.seed = 0
-  config.sampler.checkpoint = ""      # orbax dir, DDIM .ckpt or diffusers folder
-  config.sampler.checkpoint_list_entry = 0  # list .ckpt: which entry (DDIM keeps EMA last: -1)
+  config.sampler.checkpoint = ""      # params dir, training run or step dir, DDIM .ckpt, diffusers
+  config.sampler.checkpoint_step = -1  # training run: which step's EMA (-1 = the latest)
+  config.sampler.checkpoint_list_entry = -1  # list .ckpt: -1 = the EMA entry DDIM saves last;
+                                             # 0 = raw training weights
   config.sampler.shard_size = 1000
   config.sampler.save_pngs = False
+  config.sampler.sample_dir = ""      # "" = <workdir>/samples/<method>-<steps>-seed<seed>-<hash>
 
   config.eval = ml_collections.ConfigDict()
   config.eval.metric = "fid"          # fid | fd_digits (the digits model's stand-in; not FID)
@@ -75,5 +78,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.digits_classifier = os.path.join(ASSETS, "digits_classifier.msgpack")  # fd_digits
   config.eval.stats_file = ""         # reference statistics .npz (mu, sigma)
   config.eval.num_images = 0          # --mode=stats: images from the dataset (0 = all)
+  config.eval.overwrite = False       # --mode=stats: replace an existing stats_file
+  config.eval.subset = False          # --mode=eval: score fewer than num_samples images
   config.eval.batch_size = 200
   return config

@@ -1,4 +1,5 @@
-"""The DDPM LSUN bedroom 256x256 U-Net: the church network's architecture and sampler."""
+"""The DDPM LSUN bedroom 256x256 U-Net: the church config's architecture, sampler and weights
+options (lsun_church_pndm.py)."""
 
 from configs import lsun_church_pndm
 

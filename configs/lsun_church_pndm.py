@@ -1,4 +1,9 @@
-"""The DDPM LSUN church 256x256 U-Net with F-PNDM 50 steps (weights via sampler.checkpoint)."""
+"""The DDPM LSUN church 256x256 U-Net with F-PNDM 50 steps.
+
+Weights: a DDIM-repository `.ckpt` or a diffusers UNet2DModel folder, given as
+--config.sampler.checkpoint=PATH (or converted first with --mode=convert). A plain state_dict is
+read as it is; of a training list the default checkpoint_list_entry=-1 reads the EMA entry.
+"""
 
 from configs import default
 

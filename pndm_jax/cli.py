@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 from typing import Callable
 
 import jax
 import ml_collections
 
-from pndm_jax import convert, eps_models, input_pipeline, sampling, schedules, train
+from pndm_jax import (convert, eps_models, input_pipeline, models, progress, sample_store,
+                      sampling, schedules, train)
 from pndm_jax.evaluation import fid
 
-SAMPLE_DIR = "samples"
-USER_ERRORS = (eps_models.MissingCheckpointError, convert.ConversionError,
-               train.CheckpointError, FileNotFoundError)
+Started = Callable[[], None]  # a mode calls it once its inputs are loaded and work begins
+
+# The errors a user's input causes: main.py prints them as one `error:` line and exits 2.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
+               IsADirectoryError, PermissionError, eps_models.MissingCheckpointError,
+               convert.ConversionError, train.CheckpointError)
 
 
-def check(mode: str, config: ml_collections.ConfigDict) -> None:
-  """Raises a ValueError naming any bad setting that `mode` would trip over later."""
+def check(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Raises a user error naming any bad setting that `mode` would trip over later.
+
+  Cheap checks only (no weights, no compile), so bad input costs nothing and
+  changes nothing: the workdir is checked last, and only then created.
+  """
+  if mode in ("train", "stats"):
+    schedules.check_choice("dataset", config.data.dataset, input_pipeline.DATASETS)
+  if mode in ("train", "sample", "convert") and config.model.name == "unet":
+    models.check_model_config(config.model, config.data.image_size, config.data.num_channels)
   if mode == "train":
     train.check_config(config, jax.device_count())
   elif mode == "sample":
     eps_models.check_model_name(config.model.name)
-    sampling.check_sampler_config(config)
+    sampling.check_sampler_config(config, len(jax.local_devices()))
+    recorded = sample_store.read_settings(sampling.default_sample_dir(config, workdir))
+    if recorded is not None:
+      _check_sample_settings(config, workdir, recorded)
   elif mode == "convert" and not config.sampler.checkpoint:
     raise ValueError("--mode=convert reads --config.sampler.checkpoint=PATH (a DDIM .ckpt, a "
                      "diffusers UNet2DModel folder or a training workdir); it is empty")
@@ -31,22 +48,82 @@ def check(mode: str, config: ml_collections.ConfigDict) -> None:
     if not config.eval.stats_file:
       verb = "writes" if mode == "stats" else "compares with"
       raise ValueError(f"--mode={mode} {verb} --config.eval.stats_file=PATH.npz; it is empty")
+    if mode == "stats":
+      fid.check_stats_destination(config.eval.stats_file, config.eval.overwrite)
+    else:
+      _eval_contents(config, workdir)
+  check_workdir(workdir)
 
 
-def run_train(config: ml_collections.ConfigDict, workdir: str) -> None:
-  train.train_and_evaluate(config, workdir)
+def check_workdir(workdir: str) -> None:
+  """Creates `workdir` if needed and checks that files can be written in it."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise PermissionError(f"--workdir={workdir} cannot be written: {e.strerror or e}") from e
 
 
-def run_sample(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Runs `mode` after its checks; `config_<mode>.json` is written once the run starts.
+
+  A run that fails on its inputs (a checkpoint of another model, damaged weights)
+  never replaces the record of the run before it.
+  """
+  check(mode, config, workdir)
+
+  def started() -> None:
+    sample_store.write_json_atomically(os.path.join(workdir, f"config_{mode}.json"),
+                                       json.loads(config.to_json_best_effort()))
+
+  MODE_FUNCTIONS[mode](config, workdir, started)
+
+
+def _check_sample_settings(config: ml_collections.ConfigDict, workdir: str,
+                           recorded: dict) -> None:
+  """The sample directory's recorded settings must be this config's (num_samples may grow)."""
+  sample_store.check_settings(
+      sampling.default_sample_dir(config, workdir), recorded,
+      dict(sampling.image_settings(config), shard_size=config.sampler.shard_size))
+
+
+def _eval_contents(config: ml_collections.ConfigDict, workdir: str) -> sample_store.Contents:
+  """What eval will score: the verified images of the config's sample directory."""
+  sample_dir = sampling.default_sample_dir(config, workdir)
+  recorded = sample_store.read_settings(sample_dir)
+  if recorded is not None:
+    _check_sample_settings(config, workdir, recorded)
+  elif not config.sampler.sample_dir:
+    raise sample_store.SampleDirError(
+        f"no samples of these settings: {sample_dir} does not exist. Make them first with "
+        "--mode=sample and the same config, or point --config.sampler.sample_dir at a "
+        "directory of samples_XXXXX.npz shards")
+  return sample_store.contents(sample_dir, config.sampler.num_samples, config.eval.subset)
+
+
+def run_train(config: ml_collections.ConfigDict, workdir: str, started: Started) -> None:
+  train.train_and_evaluate(config, workdir, on_start=started)
+
+
+def run_sample(config: ml_collections.ConfigDict, workdir: str, started: Started) -> None:
   model = eps_models.load(config, workdir)
-  sampling.generate_samples(model, config, os.path.join(workdir, SAMPLE_DIR))
+  started()
+  summary = sampling.generate_samples(model, config, sampling.default_sample_dir(config, workdir))
+  print(f"{summary['num_images']} of {summary['num_requested']} images in "
+        f"{summary['sample_dir']} ({summary['images_made_now']} made by this run; "
+        f"NFE {summary['nfe_per_image']} per image)")
 
 
-def run_convert(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run_convert(config: ml_collections.ConfigDict, workdir: str, started: Started) -> None:
   """Any checkpoint (DDIM .ckpt, diffusers folder, training run's EMA) -> a params directory."""
   src = config.sampler.checkpoint
   dst = os.path.join(workdir, eps_models.CONVERTED_DIR)
-  convert.save_params(dst, *eps_models.load_network(config, src))
+  model, params, _ = eps_models.load_network(config, src)
+  started()
+  convert.save_params(dst, model, params)
   print(f"converted {src} -> {dst}; `--mode=sample` with this --workdir now samples from it")
 
 
@@ -57,29 +134,34 @@ def _feature_weights(config: ml_collections.ConfigDict) -> str:
   return config.eval.digits_classifier
 
 
-def run_stats(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run_stats(config: ml_collections.ConfigDict, workdir: str, started: Started) -> None:
   del workdir
+  started()
   extract = fid.feature_fn_for(config.eval.metric, _feature_weights(config),
                                config.eval.batch_size)
   batches = input_pipeline.evaluation_batches(config.data, config.eval.batch_size)
-  mu, sigma = fid.compute_stats_from_images(batches, extract,
-                                            num_images=config.eval.num_images or None)
-  fid.save_stats(config.eval.stats_file, mu, sigma)
+  num_images = config.eval.num_images or None
+  with progress.Progress(num_images, "stats", "img") as bar:
+    mu, sigma = fid.compute_stats_from_images(progress.track(batches, bar), extract,
+                                              num_images=num_images)
+  fid.save_stats(config.eval.stats_file, mu, sigma, overwrite=config.eval.overwrite)
   print(f"wrote {config.eval.metric} statistics of {config.data.dataset} to "
         f"{config.eval.stats_file}")
 
 
-def run_eval(config: ml_collections.ConfigDict, workdir: str) -> None:
+def run_eval(config: ml_collections.ConfigDict, workdir: str, started: Started) -> None:
   metric = config.eval.metric
+  started()
   record = fid.evaluate_sample_dir(
-      os.path.join(workdir, SAMPLE_DIR), config.eval.stats_file, _feature_weights(config),
-      os.path.join(workdir, f"{metric}.json"),
-      dict(sampling.sampler_settings(config), nfe=sampling.check_sampler_config(config)),
-      metric=metric, batch_size=config.eval.batch_size)
-  print(f"{metric} = {record[metric]:.4f} over {record['num_images']} images")
+      sampling.default_sample_dir(config, workdir), config.eval.stats_file,
+      _feature_weights(config), os.path.join(workdir, f"{metric}.json"), metric=metric,
+      batch_size=config.eval.batch_size, num_images=config.sampler.num_samples,
+      allow_subset=config.eval.subset)
+  subset = f" (a subset of the {record['num_requested']} asked for)" if record["subset"] else ""
+  print(f"{metric} = {record[metric]:.4f} over {record['num_images']} images{subset}")
 
 
-MODE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str], None]] = {
+MODE_FUNCTIONS: dict[str, Callable[[ml_collections.ConfigDict, str, Started], None]] = {
     "train": run_train,
     "sample": run_sample,
     "convert": run_convert,

@@ -1,7 +1,8 @@
 """PyTorch U-Net checkpoints -> Flax params, and the orbax checkpoints the samplers load.
 
-Reads (a) DDIM-repository state_dicts (`.ckpt`: plain or EMA, optional `module.` prefix; a list
-checkpoint `[state_dict, optimizer, ...]` takes one entry) and (b) diffusers `UNet2DModel`
+Reads (a) DDIM-repository state_dicts (`.ckpt`: plain or EMA, optional `module.` prefix; of a list
+checkpoint `[state_dict, optimizer, epoch, step(, ema_state_dict)]` one entry, by default the EMA
+entry the DDIM repository saves last) and (b) diffusers `UNet2DModel`
 folders (`config.json` + `diffusion_pytorch_model.safetensors` or `.bin`). Both are mapped onto
 `pndm_jax.models.UNet` through one key table (`_MODULES`/`_LAYERS`), used in both directions.
 Any unknown, missing or mis-shaped key is a `ConversionError` listing them: nothing is dropped.
@@ -9,13 +10,15 @@ Any unknown, missing or mis-shaped key is a `ConversionError` listing them: noth
 safetensors are read with `safetensors.numpy`; torch is imported only for `.ckpt`/`.bin` pickles.
 
 Public API:
-  read_pytorch(src, expected=None, image_size=None, list_entry=0) -> (UNet, params)
-  convert_checkpoint(src, dst, expected=None, image_size=None, list_entry=0) -> UNet
+  read_pytorch(src, expected=None, image_size=None, list_entry=-1, report=None) -> (UNet, params)
+  convert_checkpoint(src, dst, expected=None, image_size=None, list_entry=-1, report=None) -> UNet
   save_params(path, model, params); load_params(path, dtype=None) -> (UNet, params)
-  load_checkpoint(path, expected=None, image_size=None, list_entry=0) -> (UNet, params)  # any
+  load_checkpoint(path, expected=None, image_size=None, list_entry=-1, report=None)  # any format
   from_state_dict(state_dict, model, layout) -> params; to_state_dict(params, model, layout)
   state_dict_shapes(model, layout) -> {key: shape}; abstract_params(model) -> ShapeDtypeStruct tree
 `params` is always the Flax "params" collection (what `model.apply({"params": params}, ...)` takes).
+Each read logs (absl, INFO) one line saying what it read, e.g. "read entry 4 of 5 (EMA) of
+celeba.ckpt"; `report`, if given, gets that line too (the CLI prints it).
 """
 
 import dataclasses
@@ -25,7 +28,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.traverse_util
@@ -33,9 +36,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from safetensors.numpy import load_file as load_safetensors
 
-from pndm_jax.models.unet import UNet
+from pndm_jax.models.unet import UNet, check_model_config
 
 LAYOUTS = ("ddim", "diffusers")
 
@@ -101,6 +105,7 @@ _ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resamp_w
                 "in_channels", "out_channels", "image_size")
 _MODEL_JSON = "model.json"
 _FORMAT = "pndm_jax.unet.params/1"
+_REMAKE = "remake it from the original weights with main.py --mode=convert"
 _MAX_LISTED = 40
 
 
@@ -386,16 +391,46 @@ def _torch_load(path: str) -> Any:
     raise ConversionError(f"cannot read the PyTorch checkpoint {path}: {e}") from e
 
 
-def _read_ddim(path: str, list_entry: int) -> dict[str, np.ndarray]:
+def _is_state_dict(obj: Any) -> bool:
+  torch = _import_torch()
+  return isinstance(obj, Mapping) and bool(obj) and all(
+      isinstance(v, torch.Tensor) for v in obj.values())
+
+
+def _describe_entry(obj: Any) -> str:
+  """What one entry of a list checkpoint is, for messages."""
+  if _is_state_dict(obj):
+    return f"state_dict ({len(obj)} keys)"
+  if isinstance(obj, Mapping):
+    return "optimizer state" if "param_groups" in obj else f"dict ({len(obj)} keys)"
+  return type(obj).__name__
+
+
+def _read_ddim(path: str, list_entry: int) -> tuple[dict[str, np.ndarray], str]:
+  """The state_dict of a DDIM `.ckpt`, and a line saying what was read.
+
+  Of a list checkpoint, `list_entry` -1 is the EMA entry (the last, which must be a state_dict)
+  and any other index picks that entry; a plain state_dict ignores `list_entry`.
+  """
   obj = _torch_load(path)
   if isinstance(obj, (list, tuple)):
-    if not -len(obj) <= list_entry < len(obj):
-      raise ConversionError(f"{path} is a list of {len(obj)} entries; no entry {list_entry}")
-    obj = obj[list_entry]
-  sd = _torch_state_dict(obj, path)
+    n, entries = len(obj), ", ".join(_describe_entry(e) for e in obj)
+    if not -n <= list_entry < n:
+      raise ConversionError(f"{path} is a list of {n} entries ({entries}); no entry {list_entry}")
+    if list_entry == -1 and not _is_state_dict(obj[-1]):
+      raise ConversionError(
+          f"{path} is a list checkpoint with no EMA entry (the DDIM repository appends the EMA "
+          f"state_dict last when EMA is on); entries: {entries}. For the raw training weights "
+          "(entry 0) pass --config.sampler.checkpoint_list_entry=0 (list_entry=0)")
+    index = list_entry % n
+    read = f"read entry {index} of {n}{' (EMA)' if list_entry == -1 else ''} of {path}"
+    obj, src = obj[index], f"{path} (entry {index})"
+  else:
+    read, src = f"read the state_dict {path} (not a list: list_entry ignored)", path
+  sd = _torch_state_dict(obj, src)
   if sd and all(k.startswith("module.") for k in sd):
     sd = {k[len("module."):]: v for k, v in sd.items()}
-  return sd
+  return sd, read
 
 
 def _read_diffusers(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -421,8 +456,15 @@ def _read_diffusers(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]
                         f"(found {sorted(os.listdir(folder))})")
 
 
+def _note(line: str, report: Callable[[str], None] | None) -> None:
+  logging.info("%s", line)
+  if report is not None:
+    report(line)
+
+
 def read_pytorch(src: str, expected: UNet | None = None, image_size: int | None = None,
-                 list_entry: int = 0) -> tuple[UNet, Any]:
+                 list_entry: int = -1,
+                 report: Callable[[str], None] | None = None) -> tuple[UNet, Any]:
   """(network, Flax params) of a DDIM `.ckpt` file or a diffusers UNet2DModel folder.
 
   The architecture is read off the checkpoint. If `expected` is given (e.g. `unet_from_config`
@@ -430,28 +472,38 @@ def read_pytorch(src: str, expected: UNet | None = None, image_size: int | None 
   float32 and dropout comes from the diffusers config (a DDIM .ckpt: the UNet default).
   `image_size` is needed for a DDIM .ckpt without `expected` (it places the attention);
   for diffusers it is checked against `sample_size`. `list_entry` picks the entry of a list
-  checkpoint (the DDIM training code stores the EMA weights last: -1).
+  checkpoint: -1 (default) the EMA entry the DDIM training code saves last, an error if the list
+  has none; 0 the raw training weights. What was read is logged and passed to `report`.
   """
   if os.path.isdir(src):
     config, sd = _read_diffusers(src)
     fields, layout = _diffusers_fields(config), "diffusers"
     dropout = float(config.get("dropout", 0.0))
+    read = f"read the diffusers UNet2DModel {src}"
   elif src.endswith(".safetensors"):
     raise ConversionError(f"{src}: pass the diffusers model folder (with config.json), not the "
                           "weights file")
   elif os.path.isfile(src):
-    sd = _read_ddim(src, list_entry)
+    sd, read = _read_ddim(src, list_entry)
     size = image_size if image_size is not None or expected is None else expected.image_size
     fields, layout, dropout = _infer_ddim(sd, size), "ddim", None
   else:
     raise ConversionError(f"no checkpoint at {src}")
   model = _reconcile(fields, dropout, expected, image_size, src)
-  return model, from_state_dict(sd, model, layout)
+  params = from_state_dict(sd, model, layout)
+  _note(read, report)
+  return model, params
 
 
-def _model_json(model: UNet) -> dict[str, Any]:
+def _model_json(model: UNet, files: dict[str, int]) -> dict[str, Any]:
   return {"format": _FORMAT, **_arch(model), "dropout": model.dropout,
-          "dtype": jnp.dtype(model.dtype).name}
+          "dtype": jnp.dtype(model.dtype).name, "files": files}
+
+
+def _file_sizes(root: str) -> dict[str, int]:
+  """Path relative to `root` -> size in bytes, of every file under `root`."""
+  paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
+  return {os.path.relpath(p, root): os.path.getsize(p) for p in paths}
 
 
 def _is_params_checkpoint(path: str) -> bool:
@@ -463,6 +515,8 @@ def save_params(path: str, model: UNet, params: Any) -> None:
 
   Written to a temporary sibling and renamed into place, so a failure leaves an existing
   checkpoint at `path` intact. Refuses to replace anything that is not such a checkpoint.
+  model.json also records the size of every file under `params/`, so that `load_params` tells
+  a truncated copy from a good one before orbax reads it.
   """
   path = os.path.abspath(path)
   if os.path.lexists(path) and not _is_params_checkpoint(path):
@@ -481,8 +535,9 @@ def save_params(path: str, model: UNet, params: Any) -> None:
     with ocp.StandardCheckpointer() as ckptr:
       ckptr.save(os.path.join(tmp, "params"), params)
       ckptr.wait_until_finished()
+    files = _file_sizes(os.path.join(tmp, "params"))
     with open(os.path.join(tmp, _MODEL_JSON), "w") as f:
-      json.dump(_model_json(model), f, indent=2)
+      json.dump(_model_json(model, files), f, indent=2)
     if os.path.lexists(path):
       old = tmp + ".old"
       os.rename(path, old)
@@ -499,41 +554,83 @@ def save_params(path: str, model: UNet, params: Any) -> None:
     raise
 
 
-def load_params(path: str, dtype: Any = None) -> tuple[UNet, Any]:
-  """(network, params) of a `save_params` checkpoint; `dtype` overrides the computation dtype."""
+def _read_model_json(path: str, dtype: Any) -> tuple[UNet, dict[str, int]]:
+  """The network a `save_params` directory's model.json describes, and its `params/` file sizes
+  (none recorded by older checkpoints); anything else in model.json is an error."""
+  file = os.path.join(path, _MODEL_JSON)
   try:
-    with open(os.path.join(path, _MODEL_JSON)) as f:
+    with open(file) as f:
       meta = json.load(f)
   except (OSError, ValueError) as e:
-    raise ConversionError(f"{path} is not a pndm_jax params checkpoint: {e}") from e
-  if meta.pop("format", None) != _FORMAT:
-    raise ConversionError(f"{path}/{_MODEL_JSON} is not in the format {_FORMAT}")
-  meta["ch_mult"], meta["attn_resolutions"] = (tuple(meta[k]) for k in
-                                               ("ch_mult", "attn_resolutions"))
-  meta["dtype"] = jnp.dtype(dtype if dtype is not None else meta["dtype"])
-  model = UNet(**meta)
-  with ocp.StandardCheckpointer() as ckptr:
-    params = ckptr.restore(os.path.join(os.path.abspath(path), "params"), abstract_params(model))
+    raise ConversionError(f"{path} is not a pndm_jax params checkpoint, or a truncated or corrupt "
+                          f"one: cannot read {file} ({e}); {_REMAKE}") from e
+  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+    raise ConversionError(f"{file} is not in the format {_FORMAT}")
+  files = meta.get("files", {})
+  fields = {k: v for k, v in meta.items() if k not in ("format", "files")}
+  want = {*_ARCH_FIELDS, "dropout", "dtype"}
+  missing, unknown = sorted(want - fields.keys()), sorted(fields.keys() - want)
+  if missing or unknown:
+    raise ConversionError(f"{file} is corrupt (missing fields {missing}, unknown fields "
+                          f"{unknown}); {_REMAKE}")
+  if not isinstance(files, dict) or not all(isinstance(n, int) for n in files.values()):
+    raise ConversionError(f"{file} is corrupt (files={files!r} is not a name -> size table); "
+                          f"{_REMAKE}")
+  try:
+    check_model_config(fields, fields["image_size"], fields["in_channels"], prefix="")
+  except ValueError as e:
+    raise ConversionError(f"{file} is corrupt ({e}); {_REMAKE}") from e
+  fields["ch_mult"], fields["attn_resolutions"] = (tuple(fields[k]) for k in
+                                                   ("ch_mult", "attn_resolutions"))
+  fields["dtype"] = jnp.dtype(dtype if dtype is not None else fields["dtype"])
+  return UNet(**fields), files
+
+
+def load_params(path: str, dtype: Any = None) -> tuple[UNet, Any]:
+  """(network, params) of a `save_params` checkpoint; `dtype` overrides the computation dtype.
+
+  A truncated or corrupt directory is a ConversionError naming it (not an orbax traceback).
+  """
+  model, sizes = _read_model_json(path, dtype)
+  params_dir = os.path.join(os.path.abspath(path), "params")
+  found = _file_sizes(params_dir)
+  damaged = [f"params/{name}: " + (f"{found[name]} bytes, written as {size}" if name in found
+                                   else "missing")
+             for name, size in sorted(sizes.items()) if found.get(name) != size]
+  if damaged:
+    raise ConversionError(f"{path} is truncated or corrupt:\n{_listing('damaged files', damaged)}"
+                          f"\n  {_REMAKE}")
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      params = ckptr.restore(params_dir, abstract_params(model))
+  except Exception as e:  # orbax and tensorstore fail in many ways on damaged files
+    first_line = (str(e).strip().splitlines() or [""])[0][:300]
+    raise ConversionError(f"{path} is a truncated or corrupt params checkpoint: its params/ "
+                          f"cannot be restored ({type(e).__name__}: {first_line}); "
+                          f"{_REMAKE}") from e
   return model, params
 
 
 def load_checkpoint(path: str, expected: UNet | None = None, image_size: int | None = None,
-                    list_entry: int = 0) -> tuple[UNet, Any]:
+                    list_entry: int = -1,
+                    report: Callable[[str], None] | None = None) -> tuple[UNet, Any]:
   """(network, params) of any supported checkpoint: a `save_params` directory, a DDIM `.ckpt`
   or a diffusers folder; arguments as in `read_pytorch`."""
   if os.path.isdir(path) and _is_params_checkpoint(path):
     model, params = load_params(path)
     _reconcile(_arch(model), model.dropout, expected, image_size, path)
+    _note(f"read the params checkpoint {path}", report)
     return (expected or model), params
-  return read_pytorch(path, expected, image_size, list_entry)
+  return read_pytorch(path, expected, image_size, list_entry, report)
 
 
 def convert_checkpoint(src: str, dst: str, expected: UNet | None = None,
-                       image_size: int | None = None, list_entry: int = 0) -> UNet:
+                       image_size: int | None = None, list_entry: int = -1,
+                       report: Callable[[str], None] | None = None) -> UNet:
   """Converts a DDIM `.ckpt` or diffusers folder to a `save_params` checkpoint at `dst`.
 
   For `main.py --mode=convert`. Arguments as in `read_pytorch`; returns the network written.
   """
-  model, params = read_pytorch(src, expected, image_size, list_entry)
+  model, params = read_pytorch(src, expected, image_size, list_entry, report)
   save_params(dst, model, params)
   return model

@@ -1,9 +1,10 @@
 """The eps-prediction model a run samples from: a network with its weights, or an analytic one.
 
 Resolution order for networks: `config.sampler.checkpoint` (a converted/shipped
-params directory, a training workdir or its checkpoints, a DDIM `.ckpt` or a
-diffusers folder, converted on the fly), else the workdir's own training
-checkpoints. Analytic models need no weights at all.
+params directory, a training workdir, its checkpoints or one step directory, a
+DDIM `.ckpt` or a diffusers folder, converted on the fly), else the workdir's
+`converted` model, else its own training checkpoints. Analytic models need no
+weights at all.
 """
 
 from __future__ import annotations
@@ -49,32 +50,42 @@ def check_model_name(name: str) -> str:
 
 
 def load(config: ml_collections.ConfigDict, workdir: str) -> sampling.EpsModel:
-  """The EpsModel named by `config.model.name`, with weights resolved as described above."""
+  """The EpsModel named by `config.model.name`, with weights resolved as described above.
+
+  Its `source` names the weights exactly: a training run's checkpoints
+  directory and step, a checkpoint's absolute path, or the analytic model.
+  """
   if check_model_name(config.model.name) == "digits_gmm":
     schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
     eps_fn = digits_gmm(config.model.gmm_std).eps_fn(schedule, config.sampler.index)
-    return sampling.EpsModel(lambda p, x, t: eps_fn(x, t), {}, (8, 8, 1))
+    return sampling.EpsModel(lambda p, x, t: eps_fn(x, t), {}, (8, 8, 1),
+                             f"analytic digits_gmm(std={config.model.gmm_std})")
 
-  return sampling.network_model(*load_network(config, config.sampler.checkpoint or
-                                _workdir_checkpoint(workdir) or _raise_missing(workdir)))
+  path = config.sampler.checkpoint or _workdir_checkpoint(workdir) or _raise_missing(workdir)
+  return sampling.network_model(*load_network(config, path))
 
 
-def load_network(config: ml_collections.ConfigDict, path: str) -> tuple[models.UNet, Any]:
-  """(U-Net, params) from a training run (its EMA params) or any checkpoint `convert` reads.
+def load_network(config: ml_collections.ConfigDict, path: str
+                 ) -> tuple[models.UNet, Any, str]:
+  """(U-Net, params, source) from a training run's EMA or any checkpoint `convert` reads.
 
-  The architecture is checked against `config.model` / `config.data`.
+  A training run is a workdir, its checkpoints or one step directory; its step is
+  `config.sampler.checkpoint_step` (-1: the latest, or the step directory's own).
+  The architecture is checked against `config.model` / `config.data`; `source`
+  names the weights exactly (see `load`).
   """
   expected = models.unet_from_config(config.model, config.data.image_size,
                                      config.data.num_channels)
-  if _is_training_run(path):
-    return expected, train.load_ema_params(path)
-  return convert.load_checkpoint(path, expected,
-                                 list_entry=config.sampler.checkpoint_list_entry)
-
-
-def _is_training_run(path: str) -> bool:
-  return (os.path.isdir(os.path.join(path, train.CHECKPOINT_DIR))
-          or os.path.basename(os.path.normpath(path)) == train.CHECKPOINT_DIR)
+  step = config.sampler.checkpoint_step
+  if train.find_training_checkpoints(path) is not None:
+    directory, step = train.resolve_checkpoint(path, None if step == -1 else step)
+    return expected, train.load_ema_params(path, step), f"{directory} step {step} (EMA)"
+  if step != -1:
+    raise ValueError(f"config.sampler.checkpoint_step={step} picks a step of a training run, "
+                     f"but {path} is not one")
+  model, params = convert.load_checkpoint(path, expected,
+                                          list_entry=config.sampler.checkpoint_list_entry)
+  return model, params, os.path.abspath(path)
 
 
 def _workdir_checkpoint(workdir: str) -> str | None:
@@ -82,4 +93,4 @@ def _workdir_checkpoint(workdir: str) -> str | None:
   converted = os.path.join(workdir, CONVERTED_DIR)
   if os.path.isdir(converted):
     return converted
-  return workdir if _is_training_run(workdir) else None
+  return workdir if train.find_training_checkpoints(workdir) is not None else None

@@ -1,20 +1,22 @@
 """Sharded, resumable sample generation: `main.py --mode=sample`.
 
 Image i is drawn from noise that depends only on (seed, i), so the same image
-comes out whatever the batch size, device count or process count (for `pf`
-the adaptive solver controls its step size over a whole batch, so there the
-batch composition matters too). Images are written in shards
-`samples_XXXXX.npz` (uint8 NHWC under "images", their "indices"), each written
-under a temporary name and renamed when complete: a rerun skips finished
-shards and never mistakes a partial one for a finished one.
+comes out whatever the batch size, device count or process count, up to float
+rounding: XLA does not promise bitwise-equal results across batch shapes,
+device counts or CPU kernels, so images agree to within one level of 255 (the
+float outputs to 1e-4). For `pf` the adaptive solver controls its step size
+over a whole batch, so there the batch size is one of the settings. The sample
+directory's format (settings, verified shards, claims) is `sample_store`'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import socket
 import time
 from typing import Any, Callable, Optional, Sequence
 
@@ -25,46 +27,83 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from pndm_jax import image_grid, models, samplers, schedules, sharding
+from pndm_jax import (image_grid, models, progress, sample_store, samplers, schedules,
+                      sharding)
 
-SHARD_PATTERN = "samples_{:05d}.npz"
-META_FILE = "sampling.json"
-SUMMARY_FILE = "summary.json"
+SAMPLE_DIR = "samples"    # default sample directories live under <workdir>/samples/
+CLAIM_POLL_SECONDS = 1.0  # how often to look at shards other processes are making
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class EpsModel:
-  """apply(params, x, t) -> eps (pure, jittable), its params and one image's HWC shape."""
+  """apply(params, x, t) -> eps (pure, jittable), its params and one image's HWC shape.
+
+  `source` says exactly which weights these are (path, and step for a training
+  run): it is part of the settings a sample directory records.
+  """
 
   apply: Callable[[Any, jax.Array, jax.Array], jax.Array]
   params: Any
   image_shape: tuple[int, int, int]
+  source: str = ""
 
 
-def network_model(model: models.UNet, params: Any = None) -> EpsModel:
+def network_model(model: models.UNet, params: Any = None, source: str = "") -> EpsModel:
   """A U-Net as an EpsModel (params may be passed later, e.g. a training run's EMA)."""
   apply = lambda p, x, t: models.eps_fn(model, p)(x, t)
-  return EpsModel(apply, params, (model.image_size, model.image_size, model.in_channels))
+  return EpsModel(apply, params, (model.image_size, model.image_size, model.in_channels), source)
 
 
-def sampler_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """What determines the images: checked against a sample directory before resuming."""
-  s = config.sampler
-  return dict(method=s.method, num_steps=s.num_steps, index=s.index, grid=s.grid, eta=s.eta,
-              seed=s.seed, num_samples=s.num_samples, shard_size=s.shard_size,
-              schedule=config.diffusion.schedule, num_timesteps=config.diffusion.num_timesteps,
-              model=config.model.to_dict(), checkpoint=s.checkpoint)
+def image_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The settings that determine the images of a config (not how many there are).
+
+  They name the default sample directory and are recorded in it. `pf`'s adaptive
+  step size is controlled over a whole batch, so there the batch size counts too.
+  """
+  s, d = config.sampler, config.diffusion
+  settings = dict(method=s.method.lower(), num_steps=s.num_steps, index=s.index, grid=s.grid,
+                  eta=s.eta, seed=s.seed, schedule=d.schedule, num_timesteps=d.num_timesteps,
+                  model=config.model.to_dict(), checkpoint=s.checkpoint,
+                  checkpoint_step=s.checkpoint_step,
+                  checkpoint_list_entry=s.checkpoint_list_entry)
+  if _is_adaptive(s.method, s.eta):
+    settings["batch_size"] = s.batch_size
+  return settings
 
 
-def check_sampler_config(config: ml_collections.ConfigDict) -> Optional[int]:
+def _is_adaptive(method: str, eta: float) -> bool:
+  return isinstance(samplers.get_method(method, eta), samplers.ProbabilityFlow)
+
+
+def default_sample_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """`config.sampler.sample_dir`, else `<workdir>/samples/<method>-<steps>-seed<seed>-<hash>`.
+
+  The hash covers every image setting, so runs with other settings never meet
+  in one directory, and a rerun (or a larger num_samples) finds its own.
+  """
+  if config.sampler.sample_dir:
+    return config.sampler.sample_dir
+  settings = image_settings(config)
+  digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+  name = f"{settings['method']}-{settings['num_steps']}-seed{settings['seed']}-{digest}"
+  return os.path.join(workdir, SAMPLE_DIR, name)
+
+
+def check_sampler_config(config: ml_collections.ConfigDict,
+                         num_devices: Optional[int] = None) -> Optional[int]:
   """Validates every sampler setting before any compute; returns the NFE per image."""
   s = config.sampler
   schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   for name in ("num_samples", "batch_size", "shard_size"):
     if s[name] < 1:
       raise ValueError(f"config.sampler.{name} must be >= 1, got {s[name]}")
-  return samplers.nfe(s.method, s.num_steps, num_timesteps=config.diffusion.num_timesteps,
-                      grid=s.grid, index=s.index, eta=s.eta)
+  nfe = samplers.nfe(s.method, s.num_steps, num_timesteps=config.diffusion.num_timesteps,
+                     grid=s.grid, index=s.index, eta=s.eta)
+  if num_devices and _is_adaptive(s.method, s.eta) and s.batch_size % num_devices:
+    raise ValueError(f"pf controls its step size over a whole batch: config.sampler.batch_size "
+                     f"({s.batch_size}) must be a multiple of the device count ({num_devices}) "
+                     "so that batches are the same on any number of devices")
+  return nfe
 
 
 def initial_noise(seed: int, indices: jax.Array, image_shape: Sequence[int],
@@ -95,90 +134,112 @@ def make_generate_fn(model: EpsModel, config: ml_collections.ConfigDict, mesh: M
 
 
 def sample_images(generate: Callable, params: Any, indices: np.ndarray, mesh: Mesh,
-                  batch_size: Optional[int] = None) -> tuple[np.ndarray, Any]:
+                  batch_size: Optional[int] = None,
+                  bar: Optional[progress.Progress] = None) -> tuple[np.ndarray, Any]:
   """uint8 images for `indices` from `generate`, in device batches padded to the mesh.
 
   Every batch is dispatched before any result is fetched, so the devices never
-  wait on the host between batches.
+  wait on the host between batches; `bar` advances as each batch arrives.
   """
   batch_size = sharding.round_up(batch_size or len(indices), mesh)
   chunks = [indices[lo:lo + batch_size] for lo in range(0, len(indices), batch_size)]
   outputs = [generate(params, sharding.pad_batch(c, batch_size).astype(np.int32))
              for c in chunks]
-  images = [image_grid.to_uint8(jax.device_get(x0))[:len(c)]
-            for c, (x0, _) in zip(chunks, outputs)]
+  images = []
+  for c, (x0, _) in zip(chunks, outputs):
+    images.append(image_grid.to_uint8(jax.device_get(x0))[:len(c)])
+    if bar is not None:
+      bar.update(len(c))
   return np.concatenate(images), outputs[-1][1]
-
-
-def _write_atomically(path: str, **arrays: np.ndarray) -> None:
-  """Writes under a hidden temporary name, then renames: a shard exists only when complete."""
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-  with open(tmp, "wb") as f:
-    np.savez(f, **arrays)
-  os.replace(tmp, path)
-
-
-def _check_or_write_meta(sample_dir: str, settings: dict[str, Any]) -> None:
-  """Refuses to mix shards of different settings in one directory; loses nothing."""
-  path = os.path.join(sample_dir, META_FILE)
-  settings = json.loads(json.dumps(settings))  # as it reads back (tuples become lists)
-  if os.path.exists(path):
-    with open(path) as f:
-      existing = json.load(f)
-    if existing != settings:
-      changed = sorted(k for k in set(existing) | set(settings)
-                       if existing.get(k) != settings.get(k))
-      raise ValueError(f"{sample_dir} holds samples made with other settings (differing: "
-                       f"{', '.join(changed)}); use another --workdir or remove that directory")
-  elif jax.process_index() == 0:
-    with open(path, "w") as f:
-      json.dump(settings, f, indent=2)
 
 
 def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_dir: str,
                      devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
-  """Writes config.sampler.num_samples images as shards in `sample_dir`; returns a summary.
+  """Makes images 0..config.sampler.num_samples-1 as shards in `sample_dir`; returns a summary.
 
-  Process p of P makes shards p, p+P, ...; each batch is sharded over this
+  Resumes: finished shards are verified and kept, bad or short ones remade.
+  Processes sharing the directory claim shards, so each is made once; a shard
+  claimed by a dead process is taken over. Each batch is sharded over this
   process's devices (or `devices`) and padded to a multiple of their count.
+  The summary (also `summary.json` once the directory is complete) is read
+  back from the shards: what the directory holds, not what was asked.
   """
-  nfe = check_sampler_config(config)
   s = config.sampler
-  os.makedirs(sample_dir, exist_ok=True)
-  _check_or_write_meta(sample_dir, sampler_settings(config))
   mesh = sharding.batch_mesh(devices or jax.local_devices())
+  check_sampler_config(config, mesh.size)
+  settings = sample_store.open_for_writing(sample_dir, dict(
+      image_settings(config), weights=model.source, shard_size=s.shard_size,
+      num_samples=s.num_samples))
   generate = make_generate_fn(model, config, mesh)
+  params = jax.device_put(model.params, sharding.replicated(mesh))  # once, not per batch
 
-  num_shards = math.ceil(s.num_samples / s.shard_size)
-  mine = range(jax.process_index(), num_shards, jax.process_count())
-  todo = [k for k in mine if not os.path.exists(os.path.join(sample_dir, SHARD_PATTERN.format(k)))]
-  logging.info("sampling %d images with %s, %d steps (NFE %s per image) on %d device(s): "
-               "%d of %d shards to make", s.num_samples, s.method, s.num_steps, nfe,
-               mesh.size, len(todo), len(mine))
-  start, made, nfe_seen = time.perf_counter(), 0, nfe
-  for done, k in enumerate(todo, 1):
-    indices = np.arange(k * s.shard_size, min((k + 1) * s.shard_size, s.num_samples))
-    images, nfe_seen = sample_images(generate, model.params, indices, mesh, s.batch_size)
-    _write_atomically(os.path.join(sample_dir, SHARD_PATTERN.format(k)), images=images,
-                      indices=indices)
-    if s.save_pngs:
-      _save_pngs(images, indices, os.path.join(sample_dir, "png"))
-    made += len(indices)
-    rate = made / (time.perf_counter() - start)
-    remaining = sum(min(s.shard_size, s.num_samples - j * s.shard_size) for j in todo[done:])
-    logging.info("shard %d/%d: %d images, %.2f images/s, ETA %.0f s", done, len(todo), made,
-                 rate, remaining / rate)
+  todo = []
+  for k in range(sample_store.num_shards(s.shard_size, s.num_samples)):
+    why = sample_store.check_shard(sample_dir, k, s.shard_size, s.num_samples)
+    if why not in (None, "missing"):
+      logging.warning("remaking shard %d: %s", k, why)
+    if why is not None:
+      todo.append(k)
+  if jax.process_count() > 1:  # start each process at its own share
+    start = len(todo) * jax.process_index() // jax.process_count()
+    todo = todo[start:] + todo[:start]
+  num_todo = sum(len(sample_store.shard_indices(k, s.shard_size, s.num_samples)) for k in todo)
+  logging.info("sampling into %s: %d of %d images to make with %s, %d steps, on %d device(s)",
+               sample_dir, num_todo, s.num_samples, s.method, s.num_steps, mesh.size)
+
+  start, made = time.perf_counter(), 0
+
+  def make(k: int, bar: progress.Progress) -> None:
+    nonlocal made
+    try:
+      if sample_store.check_shard(sample_dir, k, s.shard_size, s.num_samples) is None:
+        return  # another process finished it meanwhile
+      indices = sample_store.shard_indices(k, s.shard_size, s.num_samples)
+      images, nfe = sample_images(generate, params, indices, mesh, s.batch_size, bar)
+      sample_store.write_shard(sample_dir, k, images, indices,
+                               None if nfe is None else int(nfe))
+      if s.save_pngs:
+        _save_pngs(images, indices, os.path.join(sample_dir, "png"))
+      made += len(indices)
+    finally:
+      sample_store.release_claim(sample_dir, k)
+
+  with progress.Progress(num_todo, "sample", "img") as bar:
+    others = []
+    for k in todo:
+      if sample_store.try_claim(sample_dir, k):
+        make(k, bar)
+      else:
+        others.append(k)
+    while others:  # shards other processes claimed: wait for them, or take a dead one over
+      time.sleep(CLAIM_POLL_SECONDS)
+      for k in list(others):
+        claim = sample_store.claimant(sample_dir, k)
+        if sample_store.check_shard(sample_dir, k, s.shard_size, s.num_samples) is None:
+          others.remove(k)
+        elif claim is not None and claim.get("host") != socket.gethostname():
+          logging.warning("shard %d is being made on %s; not waiting for it", k, claim["host"])
+          others.remove(k)
+        elif sample_store.try_claim(sample_dir, k):
+          logging.warning("shard %d: its claimant is gone; making it here", k)
+          make(k, bar)
+          others.remove(k)
 
   elapsed = time.perf_counter() - start
-  summary = dict(num_samples=s.num_samples, images_made_now=made,
-                 nfe_per_image=int(nfe_seen) if nfe_seen is not None else None,
-                 images_per_second=made / elapsed if made else None, method=s.method,
-                 num_steps=s.num_steps, devices=mesh.size, sample_dir=sample_dir)
-  if jax.process_index() == 0:
-    _save_grid(sample_dir, os.path.join(sample_dir, "grid.png"))
-    with open(os.path.join(sample_dir, SUMMARY_FILE), "w") as f:
-      json.dump(summary, f, indent=2)
-  logging.info("done: %s", summary)
+  held = sample_store.contents(sample_dir, s.num_samples, allow_subset=True)
+  summary = dict(
+      sample_dir=os.path.abspath(sample_dir), num_images=held.num_images,
+      num_requested=s.num_samples, complete=held.num_images >= s.num_samples,
+      images_made_now=made, nfe_per_image=held.nfe_per_image,
+      images_per_second=made / elapsed if made else None, devices=mesh.size,
+      processes=jax.process_count(), batch_size=sharding.round_up(s.batch_size, mesh),
+      settings=settings)
+  if summary["complete"]:
+    sample_store.write_json_atomically(os.path.join(sample_dir, sample_store.SUMMARY_FILE),
+                                       summary)
+    _save_grid(held, os.path.join(sample_dir, "grid.png"))
+  logging.info("%s: %d of %d images (%d made now, NFE %s per image)", sample_dir,
+               held.num_images, s.num_samples, made, held.nfe_per_image)
   return summary
 
 
@@ -190,12 +251,12 @@ def _save_pngs(images: np.ndarray, indices: np.ndarray, folder: str) -> None:
         os.path.join(folder, f"{i:06d}.png"))
 
 
-def _save_grid(sample_dir: str, path: str, count: int = 64, min_size: int = 32) -> None:
-  """A grid of the first `count` images (from shard 0), small ones enlarged to `min_size`."""
-  first = os.path.join(sample_dir, SHARD_PATTERN.format(0))
-  if os.path.exists(first):
-    with np.load(first) as shard:
-      images = shard["images"][:count]
-    scale = max(1, min_size // images.shape[1])
-    images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-    image_grid.save_image_grid(images, path, nrow=int(math.ceil(math.sqrt(len(images)))))
+def _save_grid(held: sample_store.Contents, path: str, count: int = 64,
+               min_size: int = 32) -> None:
+  """A grid of the first `count` images, small ones enlarged to `min_size` (written atomically)."""
+  images = next(held.images())[:count]
+  scale = max(1, min_size // images.shape[1])
+  images = images.repeat(scale, axis=1).repeat(scale, axis=2)
+  tmp = os.path.join(os.path.dirname(path), f".grid.tmp{os.getpid()}.png")
+  image_grid.save_image_grid(images, tmp, nrow=int(math.ceil(math.sqrt(len(images)))))
+  os.replace(tmp, path)

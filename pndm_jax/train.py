@@ -16,6 +16,7 @@ belongs to step `i`, so a run resumed from a checkpoint continues exactly.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -32,7 +33,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from pndm_jax import image_grid, input_pipeline, sampling, schedules, sharding
+from pndm_jax import image_grid, input_pipeline, progress, sampling, schedules, sharding
 from pndm_jax.metric_logging import metric_writers, periodic_actions
 from pndm_jax.models import UNet, unet_from_config
 
@@ -174,7 +175,20 @@ def make_train_fn(model: UNet, tx: optax.GradientTransformation, schedule: sched
 
 
 class CheckpointError(RuntimeError):
-  """A checkpoint exists but cannot be restored."""
+  """A checkpoint exists but its files cannot be read (corrupt or truncated)."""
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint's tree, shapes or dtypes differ from the state the config builds.
+
+  A config error, not corruption: an earlier checkpoint of the same run would
+  not fit either, so nothing is moved aside and no fallback is offered.
+  """
+
+
+_ITEMS = ("train", "ema_params")
+MAX_LISTED_LEAVES = 20
+_ORBAX_STEP_FILE = "_CHECKPOINT_METADATA"  # orbax writes it into every step directory
 
 
 def checkpoint_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
@@ -182,79 +196,194 @@ def checkpoint_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
 
   Orbax writes each checkpoint to a temporary directory and renames it only
   when complete, so a crash mid-save leaves the previous one as the latest.
+  The item handlers are named up front so that metadata is readable before
+  anything is restored.
   """
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+  handlers = {name: ocp.StandardCheckpointHandler() for name in _ITEMS}
+  return ocp.CheckpointManager(os.path.abspath(directory), options=options,
+                               item_handlers=handlers)
 
 
-def _save_args(state: TrainState) -> ocp.args.Composite:
-  # EMA parameters are their own item, so samplers can restore (or ship) them alone.
-  train = {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-  return ocp.args.Composite(train=ocp.args.StandardSave(train),
-                            ema_params=ocp.args.StandardSave(state.ema_params))
+def _items(state: TrainState) -> dict[str, Any]:
+  """A state as the checkpoint's items (EMA parameters on their own, so samplers can
+  restore or ship them alone); works on concrete and abstract states alike."""
+  return {"train": {"step": state.step, "params": state.params, "opt_state": state.opt_state},
+          "ema_params": state.ema_params}
 
 
 def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, step: int) -> None:
   """Saves `state` as checkpoint `step` (asynchronously; the manager waits before the next)."""
-  manager.save(step, args=_save_args(state), force=True)
+  args = {name: ocp.args.StandardSave(item) for name, item in _items(state).items()}
+  manager.save(step, args=ocp.args.Composite(**args), force=True)
+
+
+def _step_path(manager: ocp.CheckpointManager, step: int) -> str:
+  return os.path.join(str(manager.directory), str(step))
+
+
+def _saved_trees(manager: ocp.CheckpointManager, step: int) -> dict[str, Any]:
+  """{item: tree of array metadata} of checkpoint `step`; raises if any item is unreadable."""
+  metadata = manager.item_metadata(step)
+  missing = [name for name in _ITEMS if metadata.get(name) is None]
+  if missing:
+    raise FileNotFoundError(f"no readable metadata for item(s) {', '.join(missing)}")
+  return {name: metadata[name].tree for name in _ITEMS}
+
+
+def _mismatched_leaves(saved: dict[str, Any], expected: dict[str, Any]) -> list[str]:
+  """One line per leaf whose tree path, shape or dtype differs between the two trees."""
+  saved, expected = ocp.tree.to_flat_dict(saved), ocp.tree.to_flat_dict(expected)
+  describe = lambda x: f"{tuple(x.shape)} {np.dtype(x.dtype).name}"
+  lines = []
+  for key in sorted(saved.keys() | expected.keys()):
+    name = "/".join(key)
+    if key not in expected:
+      lines.append(f"{name}: saved {describe(saved[key])}, not in the config's state")
+    elif key not in saved:
+      lines.append(f"{name}: missing from the checkpoint, expected {describe(expected[key])}")
+    elif describe(saved[key]) != describe(expected[key]):
+      lines.append(f"{name}: saved {describe(saved[key])}, expected {describe(expected[key])}")
+  return lines
+
+
+def _restore_step(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]
+                  ) -> dict[str, Any]:
+  """Checkpoint `step` restored as the abstract `items`.
+
+  The saved tree is compared with `items` first, from the metadata: a
+  difference raises CheckpointMismatchError; unreadable files (metadata, or
+  the arrays themselves) raise CheckpointError.
+  """
+  path = _step_path(manager, step)
+  try:
+    saved = _saved_trees(manager, step)
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint {path} is unreadable (its metadata: "
+                          f"{type(e).__name__}: {e})") from e
+  mismatched = _mismatched_leaves(saved, items)
+  if mismatched:
+    listed = mismatched[:MAX_LISTED_LEAVES]
+    if len(mismatched) > MAX_LISTED_LEAVES:
+      listed.append(f"... and {len(mismatched) - MAX_LISTED_LEAVES} more")
+    raise CheckpointMismatchError(
+        f"checkpoint {path} does not fit the state this config builds; {len(mismatched)} "
+        f"leaves differ:\n  " + "\n  ".join(listed) + "\nThe model/optimizer config differs "
+        f"from the one that wrote the checkpoints in {manager.directory}: resume with that "
+        f"config, or train this one in a new workdir.")
+  args = {name: ocp.args.StandardRestore(item) for name, item in items.items()}
+  try:
+    return manager.restore(step, args=ocp.args.Composite(**args))
+  except Exception as e:  # pylint: disable=broad-except
+    raise CheckpointError(f"checkpoint {path} is unreadable: {type(e).__name__}: {e}") from e
+
+
+def _move_aside(manager: ocp.CheckpointManager, step: int) -> None:
+  """Renames checkpoint `step` to `<step>.corrupt` (`.corrupt-1`, ... if taken; never
+  overwriting) on process 0, then makes every process's manager forget it."""
+  path = _step_path(manager, step)
+  if jax.process_index() == 0:
+    dst, n = path + ".corrupt", 0
+    while os.path.lexists(dst):
+      n += 1
+      dst = f"{path}.corrupt-{n}"
+    logging.warning("checkpoint %s is unreadable; moved it to %s", path, dst)
+    os.rename(path, dst)
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
+  manager.reload()
 
 
 def restore_checkpoint(manager: ocp.CheckpointManager, target: TrainState,
                        fallback: bool = False) -> Optional[TrainState]:
   """The latest checkpoint restored with `target`'s structure and shardings, or None if none.
 
-  An unreadable latest checkpoint raises a CheckpointError naming it; with
-  `fallback`, it is moved aside to `<step>.corrupt` and the previous one is tried.
+  A checkpoint whose tree, shapes or dtypes differ from `target` raises
+  CheckpointMismatchError. An unreadable latest checkpoint raises a
+  CheckpointError; with `fallback`, the previous checkpoint is restored
+  instead, and only once that has worked is the unreadable one moved aside to
+  `<step>.corrupt`. At most one step back: if the previous one is unreadable
+  too, the error names both and nothing is moved.
   """
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  train = {"step": abstract.step, "params": abstract.params, "opt_state": abstract.opt_state}
-  args = ocp.args.Composite(train=ocp.args.StandardRestore(train),
-                            ema_params=ocp.args.StandardRestore(abstract.ema_params))
   steps = sorted(manager.all_steps(), reverse=True)
-  for i, step in enumerate(steps):
-    path = os.path.join(str(manager.directory), str(step))
+  if not steps:
+    return None
+  items = _items(jax.tree.map(ocp.utils.to_shape_dtype_struct, target))
+  try:
+    restored = _restore_step(manager, steps[0], items)
+  except CheckpointError as latest:
+    if len(steps) == 1:
+      raise CheckpointError(f"{latest}; no earlier checkpoint exists") from latest
+    if not fallback:
+      raise CheckpointError(
+          f"{latest}; set config.training.restore_fallback=True to resume from the previous "
+          f"checkpoint, step {steps[1]} (this one is then moved aside)") from latest
     try:
-      restored = manager.restore(step, args=args)
-    except Exception as e:  # pylint: disable=broad-except
-      earlier = steps[i + 1] if i + 1 < len(steps) else None
-      if not fallback or earlier is None:
-        hint = (f"set config.training.restore_fallback=True to resume from step {earlier}"
-                if earlier is not None else "no earlier checkpoint exists")
-        raise CheckpointError(
-            f"checkpoint {path} (step {step}) cannot be restored (corrupt, or saved with a "
-            f"different model/optimizer config): {type(e).__name__}: {e}; {hint}") from e
-      logging.warning("checkpoint %s cannot be restored (%s: %s); moving it to %s.corrupt and "
-                      "falling back to step %d", path, type(e).__name__, e, path, earlier)
-      if jax.process_index() == 0:
-        os.rename(path, path + ".corrupt")
-      if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"moved aside checkpoint {step}")
-      manager.reload()
-      continue
-    train = restored["train"]
-    return TrainState(step=train["step"], params=train["params"],
-                      ema_params=restored["ema_params"], opt_state=train["opt_state"])
+      restored = _restore_step(manager, steps[1], items)
+    except CheckpointError as previous:
+      raise CheckpointError(f"the last two checkpoints are both unreadable; nothing was "
+                            f"moved: {latest}; {previous}") from previous
+    _move_aside(manager, steps[0])
+  train = restored["train"]
+  return TrainState(step=train["step"], params=train["params"],
+                    ema_params=restored["ema_params"], opt_state=train["opt_state"])
+
+
+def find_training_checkpoints(path: str) -> Optional[tuple[str, Optional[int]]]:
+  """(absolute checkpoints directory, step the path names or None), or None.
+
+  `path` is a training workdir, its `checkpoints` directory, or one step
+  directory in it (an integer name inside `checkpoints`, existing or not, or
+  an orbax step directory inside any other); None for anything else.
+  """
+  path = os.path.abspath(path)
+  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
+    return os.path.join(path, CHECKPOINT_DIR), None
+  if os.path.basename(path) == CHECKPOINT_DIR:
+    return path, None
+  parent, name = os.path.split(path)
+  if name.isdigit() and (os.path.basename(parent) == CHECKPOINT_DIR
+                         or os.path.isfile(os.path.join(path, _ORBAX_STEP_FILE))):
+    return parent, int(name)
   return None
+
+
+def resolve_checkpoint(path: str, step: Optional[int] = None) -> tuple[str, int]:
+  """(absolute checkpoints directory, step) that `path` and `step` (None: latest) name.
+
+  Raises FileNotFoundError if there is no such checkpoint (naming the steps
+  there are) and ValueError if a step directory and `step` disagree.
+  """
+  found = find_training_checkpoints(path)
+  if found is None or not os.path.isdir(found[0]):
+    raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+  directory, named = found
+  if named is not None and step is not None and step != named:
+    raise ValueError(f"{path} is the checkpoint of step {named}, but step {step} was asked for")
+  step = named if named is not None else step
+  steps = sorted(ocp.utils.checkpoint_steps(directory))
+  if not steps:
+    raise FileNotFoundError(f"no checkpoints in {directory!r}")
+  if step is None:
+    return directory, steps[-1]
+  if step not in steps:
+    raise FileNotFoundError(f"no checkpoint of step {step} in {directory}; available steps: "
+                            f"{', '.join(map(str, steps))}")
+  return directory, step
 
 
 def load_ema_params(path: str, step: Optional[int] = None) -> Any:
   """EMA parameters (a pytree of numpy arrays) from a training run, for sampling.
 
-  `path` is a training workdir or its `checkpoints` directory; the latest step
-  is read unless `step` is given. Only the `ema_params` item is read, so a
-  checkpoint directory holding just that item (a shipped model) works too.
+  `path` and `step` as in `resolve_checkpoint`. Only the `ema_params` item is
+  read, so a checkpoint directory holding just that item (a shipped model)
+  works too. Unreadable files raise a CheckpointError naming the checkpoint.
   """
-  if os.path.isdir(os.path.join(path, CHECKPOINT_DIR)):
-    path = os.path.join(path, CHECKPOINT_DIR)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f"no checkpoint directory at {path!r}")
+  directory, step = resolve_checkpoint(path, step)
   manager = ocp.CheckpointManager(
-      os.path.abspath(path), item_handlers={"ema_params": ocp.PyTreeCheckpointHandler()},
+      directory, item_handlers={"ema_params": ocp.PyTreeCheckpointHandler()},
       options=ocp.CheckpointManagerOptions(read_only=True))
   with manager:
-    step = manager.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoints in {path!r}")
     try:
       # Restored as host numpy arrays: valid whatever devices the run was saved from.
       tree = manager.item_metadata(step)["ema_params"].tree
@@ -262,12 +391,10 @@ def load_ema_params(path: str, step: Optional[int] = None) -> Any:
       restored = manager.restore(step, args=ocp.args.Composite(
           ema_params=ocp.args.PyTreeRestore(restore_args=restore_args)))
     except Exception as e:  # pylint: disable=broad-except
-      raise CheckpointError(f"EMA parameters of checkpoint {os.path.join(path, str(step))} "
+      raise CheckpointError(f"EMA parameters of checkpoint {os.path.join(directory, str(step))} "
                             f"cannot be restored: {type(e).__name__}: {e}") from e
+  logging.info("loaded the EMA parameters of %s, step %d", directory, step)
   return restored["ema_params"]
-
-
-# ----------------------------------------------------------------------------- samples
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -290,12 +417,16 @@ def _crossed(step: int, k: int, every: int) -> bool:
   return every > 0 and step // every != (step - k) // every
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       on_start: Optional[Callable[[], None]] = None) -> TrainState:
   """Trains per `config`, resuming from the latest checkpoint in `workdir`; returns the state.
 
   Writes to `workdir`: `checkpoints/` (orbax), TensorBoard events and
-  `samples/<step>.png` grids from the EMA parameters. Throughput (steps/s,
-  images/s) is measured over training only, not checkpointing or sampling.
+  `samples/<step>.png` grids from the EMA parameters; on a terminal, a progress
+  line with rate and ETA. Throughput (steps/s, images/s) is measured over
+  training only, not checkpointing or sampling. A checkpoint past
+  `num_train_steps` is a ValueError (raised before the train step compiles).
+  `on_start` is called once the checkpoint (if any) has restored and training begins.
   """
   training, data = config.training, config.data
   mesh = sharding.batch_mesh()
@@ -308,27 +439,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
   state = create_train_state(model, tx, init_key, data.image_size, data.num_channels, mesh)
 
   is_chief = jax.process_index() == 0
-  manager = checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR), training.keep_checkpoints)
-  state = restore_checkpoint(manager, state, training.restore_fallback) or state
-  step = int(state.step)
-  logging.info("training from step %d to %d on %d device(s), global batch %d", step,
-               training.num_train_steps, mesh.size, training.batch_size)
+  with contextlib.ExitStack() as stack:
+    manager = stack.enter_context(checkpoint_manager(os.path.join(workdir, CHECKPOINT_DIR),
+                                                     training.keep_checkpoints))
+    state = restore_checkpoint(manager, state, training.restore_fallback) or state
+    step = int(state.step)
+    if step > training.num_train_steps:
+      raise ValueError(f"the latest checkpoint in {manager.directory} is at step {step}, past "
+                       f"config.training.num_train_steps={training.num_train_steps}; set "
+                       f"num_train_steps to at least {step} to train on, or use a new workdir")
+    logging.info("training from step %d to %d on %d device(s), global batch %d", step,
+                 training.num_train_steps, mesh.size, training.batch_size)
+    if on_start is not None:
+      on_start()
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
-  report = periodic_actions.ReportProgress(num_train_steps=training.num_train_steps,
-                                           every_steps=training.log_every, every_secs=None)
-  train_fn = make_train_fn(model, tx, schedule, config, mesh, train_key)
-  generate = sampling.make_generate_fn(sampling.network_model(model), config, mesh)
-  grid_indices = np.arange(training.num_grid_samples)
-  k = training.steps_per_call
-  batches = input_pipeline.device_batches(dataset, step, k, steps_batch_sharding(mesh))
-  pending, last = [], (step, time.perf_counter())  # throughput since (step, time)
-  try:
+    writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+    stack.callback(writer.close)
+    report = periodic_actions.ReportProgress(num_train_steps=training.num_train_steps,
+                                             every_steps=training.log_every, every_secs=None)
+    bar = stack.enter_context(progress.Progress(training.num_train_steps, "train", "step",
+                                                initial=step, enabled=None if is_chief else False))
+    train_fn = make_train_fn(model, tx, schedule, config, mesh, train_key)
+    generate = sampling.make_generate_fn(sampling.network_model(model), config, mesh)
+    grid_indices = np.arange(training.num_grid_samples)
+    k = training.steps_per_call
+    batches = input_pipeline.device_batches(dataset, step, k, steps_batch_sharding(mesh))
+    stack.callback(batches.close)
+    pending, last = [], (step, time.perf_counter())  # throughput since (step, time)
     while step < training.num_train_steps:
       state, metrics = train_fn(state, next(batches))
       step += k
       pending.append(metrics)
       report(step)
+      bar.update(k)
       done = step == training.num_train_steps
       if done or _crossed(step, k, training.log_every):
         values = jax.device_get(pending)
@@ -353,8 +496,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
                                                             f"{step:08d}.png"), nrow)
             writer.write_images(step, {"samples": image_grid.make_image_grid(images, nrow)})
         last = (step, time.perf_counter())
-  finally:
-    batches.close()
-    manager.close()
-    writer.close()
   return state

@@ -363,3 +363,134 @@ def test_failed_conversion_leaves_existing_output_untouched(saved, ddim_sd, tmp_
   with pytest.raises(convert.ConversionError, match="refusing to replace"):
     convert.convert_checkpoint(saved["cifar10"][1], str(tmp_path / "mine"))
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
+
+
+# ----------------------------------------------------------------------------- list checkpoints
+
+
+def test_list_checkpoint_reads_the_ema_entry_by_default(saved, ddim_sd, tmp_path, caplog):
+  """DDIM saves [model, optimizer, epoch, step, ema]; its samples come from the EMA entry."""
+  _, ema = convert.read_pytorch(saved["cifar10"][1])
+  raw_sd = {k: v + 1 for k, v in ddim_sd.items()}
+  raw = convert.from_state_dict(raw_sd, CIFAR_TINY_UNET, "ddim")
+  optimizer = {"state": {}, "param_groups": [{"lr": 2e-4, "params": [0, 1]}]}
+  ckpt = str(tmp_path / "celeba.ckpt")
+  torch.save([_torch_sd(raw_sd, "module."), optimizer, 3, 1000, _torch_sd(ddim_sd, "module.")],
+             ckpt)
+  lines = []
+  with caplog.at_level("INFO"):
+    _assert_trees_equal(convert.read_pytorch(ckpt, image_size=16, report=lines.append)[1], ema)
+  assert lines == [f"read entry 4 of 5 (EMA) of {ckpt}"]
+  assert lines[0] in caplog.text
+  _assert_trees_equal(convert.read_pytorch(ckpt, image_size=16, list_entry=0,
+                                           report=lines.append)[1], raw)
+  assert lines[1] == f"read entry 0 of 5 of {ckpt}"
+  with pytest.raises(convert.ConversionError, match=r"\(entry 1\): entries that are not"):
+    convert.read_pytorch(ckpt, image_size=16, list_entry=1)
+  # The default everywhere, --mode=convert's route included, is the EMA entry.
+  convert.convert_checkpoint(ckpt, str(tmp_path / "out"), image_size=16)
+  _assert_trees_equal(convert.load_params(str(tmp_path / "out"))[1], ema)
+  # A plain state_dict ignores list_entry.
+  torch.save(_torch_sd(ddim_sd), tmp_path / "plain.ckpt")
+  _assert_trees_equal(convert.read_pytorch(str(tmp_path / "plain.ckpt"), image_size=16,
+                                           report=lines.append)[1], ema)
+  assert "list_entry ignored" in lines[2]
+
+
+def test_list_checkpoint_without_an_ema_entry_is_an_error(ddim_sd, tmp_path):
+  ckpt = str(tmp_path / "no_ema.ckpt")
+  torch.save([_torch_sd(ddim_sd), {"state": {}, "param_groups": []}, 3, 1000], ckpt)
+  with pytest.raises(convert.ConversionError, match="no EMA entry") as err:
+    convert.read_pytorch(ckpt, image_size=16)
+  msg = str(err.value)
+  assert ckpt in msg
+  assert f"entries: state_dict ({len(ddim_sd)} keys), optimizer state, int, int" in msg
+  assert "--config.sampler.checkpoint_list_entry=0" in msg
+  assert convert.read_pytorch(ckpt, image_size=16, list_entry=0)[0].ch == 32
+  with pytest.raises(convert.ConversionError, match="list of 4 entries .*; no entry 4"):
+    convert.read_pytorch(ckpt, image_size=16, list_entry=4)
+
+
+# ----------------------------------------------------------------------------- damaged params
+
+
+@pytest.fixture(scope="module")
+def params_dir(saved, tmp_path_factory):
+  dst = str(tmp_path_factory.mktemp("params") / "cifar_tiny")
+  convert.convert_checkpoint(saved["cifar10"][1], dst)
+  return dst
+
+
+def _data_files(path) -> list[str]:
+  """The array data files orbax wrote under params/, largest first."""
+  files = [os.path.join(d, f) for d, _, fs in os.walk(os.path.join(path, "params"))
+           for f in fs if os.path.basename(d) == "d"]
+  assert files
+  return sorted(files, key=os.path.getsize, reverse=True)
+
+
+def test_truncated_or_missing_params_files_are_named(params_dir, tmp_path):
+  damaged = _copy_folder(params_dir, tmp_path / "truncated")
+  big = _data_files(damaged)[0]
+  with open(big, "r+b") as f:
+    f.truncate(os.path.getsize(big) // 2)
+  with pytest.raises(convert.ConversionError, match="is truncated or corrupt") as err:
+    convert.load_params(damaged)
+  msg = str(err.value)
+  assert damaged in msg and os.path.relpath(big, damaged) in msg and "--mode=convert" in msg
+  os.remove(big)
+  with pytest.raises(convert.ConversionError, match=re.escape(
+      f"{os.path.relpath(big, damaged)}: missing")):
+    convert.load_checkpoint(damaged)
+
+
+def test_corrupt_params_that_orbax_cannot_restore(params_dir, tmp_path):
+  damaged = _copy_folder(params_dir, tmp_path / "garbage")
+  metadata = os.path.join(damaged, "params", "_METADATA")
+  with open(metadata, "r+b") as f:  # same size, so only orbax can tell
+    f.write(b"\0" * os.path.getsize(metadata))
+  with pytest.raises(convert.ConversionError, match="cannot be restored") as err:
+    convert.load_params(damaged)
+  assert damaged in str(err.value) and "--mode=convert" in str(err.value)
+
+
+def test_checkpoints_without_recorded_file_sizes_still_load(params_dir, tmp_path):
+  """model.json of older checkpoints (assets/digits_unet among them) has no `files` table."""
+  old = _copy_folder(params_dir, tmp_path / "old")
+  with open(os.path.join(old, "model.json")) as f:
+    meta = json.load(f)
+  del meta["files"]
+  with open(os.path.join(old, "model.json"), "w") as f:
+    json.dump(meta, f)
+  _assert_trees_equal(convert.load_params(old)[1], convert.load_params(params_dir)[1])
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.pop("ch_mult"), r"missing fields \['ch_mult'\]"),
+    (lambda m: m.update(heads=4), r"unknown fields \['heads'\]"),
+    (lambda m: m.update(ch="128"), r"ch='128' is not valid"),
+    (lambda m: m.update(dtype="bfloat"), r"dtype='bfloat' is not valid"),
+    (lambda m: m.update(ch_mult=5), r"ch_mult=5 is not valid"),
+    (lambda m: m.update(files=[1, 2]), r"files=\[1, 2\] is not a name -> size table"),
+], ids=["missing", "unknown", "ch", "dtype", "ch_mult", "files"])
+def test_model_json_with_wrong_or_missing_fields(params_dir, tmp_path, edit, match):
+  bad = _copy_folder(params_dir, tmp_path / "bad")
+  file = os.path.join(bad, "model.json")
+  with open(file) as f:
+    meta = json.load(f)
+  edit(meta)
+  with open(file, "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(convert.ConversionError, match=match) as err:
+    convert.load_params(bad)
+  assert str(err.value).startswith(f"{file} is corrupt")
+
+
+def test_truncated_model_json(params_dir, tmp_path):
+  bad = _copy_folder(params_dir, tmp_path / "bad")
+  file = os.path.join(bad, "model.json")
+  with open(file, "r+b") as f:
+    f.truncate(os.path.getsize(file) // 2)
+  with pytest.raises(convert.ConversionError, match="truncated or corrupt") as err:
+    convert.load_params(bad)
+  assert file in str(err.value)

@@ -183,15 +183,14 @@ def test_evaluate_sample_dir_end_to_end(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(fid, "frechet_distance", lambda *stats: calls.append(stats) or 12.5)
 
-  record = fid.evaluate_sample_dir(
-      str(sample_dir), stats_file, weights, out_json,
-      dict(sampler="f-pndm", steps=50, nfe=59), batch_size=2, devices=jax.devices()[:2])
+  record = fid.evaluate_sample_dir(str(sample_dir), stats_file, weights, out_json,
+                                  batch_size=2, devices=jax.devices()[:2])
 
   with open(out_json) as f:
     assert json.load(f) == record
   assert record["fid"] == 12.5 and record["metric"] == "fid"
   assert record["num_images"] == 5 and record["num_shards"] == 2
-  assert (record["sampler"], record["steps"], record["nfe"]) == ("f-pndm", 50, 59)
+  assert record["num_requested"] == 5 and not record["subset"]
   assert record["weights_sha256"] == fid.file_sha256(weights)
   assert record["stats_sha256"] == fid.file_sha256(stats_file)
   # The statistics of all 5 images, each exactly once, from an unsharded forward.

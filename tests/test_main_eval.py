@@ -37,14 +37,17 @@ def test_stats_then_sample_then_eval(tmp_path):
   assert result.returncode == 0, result.stderr
   record = json.load(open(tmp_path / "run" / "fd_digits.json"))
   assert record["metric"] == "fd_digits" and record["num_images"] == 100
+  assert record["image_indices"] == "0..99" and not record["subset"]
   assert np.isfinite(record["fd_digits"]) and record["fd_digits"] > 0
-  assert record["nfe"] == 29 and record["method"] == "f-pndm" and record["num_steps"] == 20
+  settings = record["sampler_settings"]
+  assert record["nfe_per_image"] == 29 and settings["method"] == "f-pndm"
+  assert settings["num_steps"] == 20
   assert record["stats_sha256"] == fid.file_sha256(str(tmp_path / "digits_stats.npz"))
   assert record["weights_sha256"] == fid.file_sha256(str(tmp_path / "classifier.msgpack"))
 
 
 def test_fid_eval_with_random_inception_weights(tmp_path):
-  samples = tmp_path / "run" / "samples"
+  samples = tmp_path / "external"  # shards made elsewhere: no sampling.json, settings unknown
   samples.mkdir(parents=True)
   rng = np.random.default_rng(0)
   for k in range(2):
@@ -56,10 +59,12 @@ def test_fid_eval_with_random_inception_weights(tmp_path):
   fid.save_stats(str(stats), rng.standard_normal(inception.FEATURE_DIM), a @ a.T)
   result = run_main("--mode=eval", f"--workdir={tmp_path / 'run'}", "--config.eval.metric=fid",
                     f"--config.eval.inception_weights={weights}",
-                    f"--config.eval.stats_file={stats}", "--config.eval.batch_size=8")
+                    f"--config.eval.stats_file={stats}", "--config.eval.batch_size=8",
+                    f"--config.sampler.sample_dir={samples}", "--config.sampler.num_samples=6")
   assert result.returncode == 0, result.stderr
   record = json.load(open(tmp_path / "run" / "fid.json"))
   assert record["num_images"] == 6 and record["num_shards"] == 2
+  assert record["sampler_settings"] is None and record["nfe_per_image"] is None
   assert np.isfinite(record["fid"]) and record["fid"] > 0
   assert record["weights_sha256"] == fid.file_sha256(str(weights))
 

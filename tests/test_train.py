@@ -5,7 +5,9 @@ Every model here is the same tiny U-Net on 8x8x3 images with a global batch of
 compilation cache lets the repeated `train_and_evaluate` runs reuse it.
 """
 
+import functools
 import glob
+import io
 import os
 import re
 import shutil
@@ -17,8 +19,8 @@ import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets
 
-from configs import default, digits_train
-from pndm_jax import schedules, sharding, train
+from configs import default, digits_train, gmm_pndm
+from pndm_jax import convert, eps_models, progress, schedules, sharding, train
 from pndm_jax.models import unet_from_config
 
 
@@ -28,13 +30,16 @@ def compilation_cache(tmp_path_factory):
   jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
 
 
-@pytest.fixture(scope="module")
-def digits_npz(tmp_path_factory):
+def write_digits_npz(path):
   """The digits as an 8x8 RGB uint8 .npz (an offline source with the tfds mocks' shapes)."""
-  path = str(tmp_path_factory.mktemp("data") / "digits.npz")
   grey = np.round(datasets.load_digits().images * (255 / 16)).astype(np.uint8)
   np.savez(path, images=np.repeat(grey[..., None], 3, axis=-1))
   return path
+
+
+@pytest.fixture(scope="module")
+def digits_npz(tmp_path_factory):
+  return write_digits_npz(str(tmp_path_factory.mktemp("data") / "digits.npz"))
 
 
 def tiny_config(dataset="npz", path=""):
@@ -139,15 +144,24 @@ def test_scanned_steps_match_single_steps(fixed_batch):
                jax.device_get(scanned.params), jax.device_get(state.params))
 
 
-def test_resume_is_exact(tmp_path, digits_npz):
+class Terminal(io.StringIO):
+  def isatty(self):
+    return True
+
+
+def test_resume_is_exact(tmp_path, digits_npz, monkeypatch):
   config = tiny_config(path=digits_npz)
   config.training.update(num_train_steps=4, checkpoint_every=2)
   straight = train.train_and_evaluate(config, str(tmp_path / "straight"))
   config.training.num_train_steps = 2
   train.train_and_evaluate(config, str(tmp_path / "resumed"))
   config.training.num_train_steps = 4
+  terminal = Terminal()
+  monkeypatch.setattr(progress, "Progress", functools.partial(progress.Progress, stream=terminal))
   resumed = train.train_and_evaluate(config, str(tmp_path / "resumed"))
   assert int(resumed.step) == int(straight.step) == 4
+  drawn = terminal.getvalue()  # the progress line counts on from the restored step
+  assert drawn.startswith("\r\033[Ktrain: 2/4 step (50%)") and "train: 4/4 step (100%)" in drawn
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
   ema = train.load_ema_params(str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, ema, jax.device_get(straight.ema_params))
@@ -204,23 +218,116 @@ def saved_run(directory, steps=(1, 2)):
     manager.wait_until_finished()
 
 
-def test_corrupt_latest_checkpoint_errors_or_falls_back(tmp_path):
-  directory = str(tmp_path / "checkpoints")
-  saved_run(directory)
-  for path in glob.glob(os.path.join(directory, "2", "**", "*"), recursive=True):
+def corrupt(directory, step):
+  """Overwrites every file of checkpoint `step` with garbage: unreadable, not another config."""
+  for path in glob.glob(os.path.join(directory, str(step), "**", "*"), recursive=True):
     if os.path.isfile(path):
       with open(path, "wb") as f:
         f.write(b"garbage")
+
+
+def test_unreadable_latest_checkpoint_errors_or_falls_back(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  saved_run(directory)
+  corrupt(directory, 2)
+  os.mkdir(os.path.join(directory, "2.corrupt"))  # an earlier casualty: never overwritten
   with train.checkpoint_manager(directory) as manager:
-    with pytest.raises(train.CheckpointError,
-                       match=re.escape(os.path.join(directory, "2")) + ".*restore_fallback"):
+    with pytest.raises(train.CheckpointError, match="(?s)" + re.escape(os.path.join(directory, "2"))
+                       + ".*restore_fallback=True to resume from .* step 1"):
       train.restore_checkpoint(manager, small_state(0))
+  assert sorted(os.listdir(directory)) == ["1", "2", "2.corrupt"]
   with train.checkpoint_manager(directory) as manager:
     restored = train.restore_checkpoint(manager, small_state(0), fallback=True)
     assert manager.latest_step() == 1
   assert int(restored.step) == 1
   np.testing.assert_array_equal(restored.ema_params["w"], [10.0] * 3)
-  assert os.path.isdir(os.path.join(directory, "2.corrupt"))
+  assert sorted(os.listdir(directory)) == ["1", "2.corrupt", "2.corrupt-1"]
+  assert os.listdir(os.path.join(directory, "2.corrupt")) == []
+
+
+def test_unreadable_arrays_under_readable_metadata_fall_back(tmp_path, monkeypatch):
+  directory = str(tmp_path / "checkpoints")
+  saved_run(directory)
+  with train.checkpoint_manager(directory) as manager:
+    real_restore = manager.restore
+
+    def restore(step, *args, **kwargs):
+      if step == 2:
+        raise OSError("truncated chunk")
+      return real_restore(step, *args, **kwargs)
+
+    monkeypatch.setattr(manager, "restore", restore)
+    with pytest.raises(train.CheckpointError, match="truncated chunk.*restore_fallback"):
+      train.restore_checkpoint(manager, small_state(0))
+    assert int(train.restore_checkpoint(manager, small_state(0), fallback=True).step) == 1
+  assert sorted(os.listdir(directory)) == ["1", "2.corrupt"]
+
+
+def test_fallback_goes_one_step_back_and_moves_nothing_it_cannot_replace(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  saved_run(directory, steps=(1, 2, 3))
+  corrupt(directory, 3)
+  corrupt(directory, 2)
+  with train.checkpoint_manager(directory) as manager:
+    with pytest.raises(train.CheckpointError, match="(?s)both unreadable; nothing was moved: .*"
+                       + re.escape(os.path.join(directory, "3")) + ".*"
+                       + re.escape(os.path.join(directory, "2"))):
+      train.restore_checkpoint(manager, small_state(0), fallback=True)
+  assert sorted(os.listdir(directory)) == ["1", "2", "3"]
+  only = str(tmp_path / "only")
+  saved_run(only, steps=(1,))
+  corrupt(only, 1)
+  with train.checkpoint_manager(only) as manager:
+    with pytest.raises(train.CheckpointError, match="no earlier checkpoint exists") as info:
+      train.restore_checkpoint(manager, small_state(0), fallback=True)
+  assert "restore_fallback" not in str(info.value) and os.listdir(only) == ["1"]
+
+
+def test_another_config_is_a_mismatch_not_corruption(tmp_path):
+  directory = str(tmp_path / "checkpoints")
+  saved_run(directory)
+  state = small_state(0)
+  target = state.replace(  # one shape, one dtype, one leaf fewer, 24 more: 27 differences
+      params={"w": jnp.zeros((4,)), **{f"x{i:02d}": jnp.zeros(()) for i in range(24)}},
+      ema_params={"w": jnp.zeros((3,), jnp.bfloat16)}, opt_state=(state.opt_state[0], {}))
+  for fallback in (False, True):
+    with train.checkpoint_manager(directory) as manager:
+      with pytest.raises(train.CheckpointMismatchError) as info:
+        train.restore_checkpoint(manager, target, fallback=fallback)
+    message = str(info.value)
+    assert os.path.join(directory, "2") in message and "27 leaves differ" in message
+    for line in ["ema_params/w: saved (3,) float32, expected (3,) bfloat16",
+                 "train/opt_state/1/m: saved (3,) float32, not in the config's state",
+                 "train/params/w: saved (3,) float32, expected (4,) float32",
+                 "train/params/x00: missing from the checkpoint, expected () float32",
+                 "... and 7 more", "config differs from the one that wrote the checkpoints"]:
+      assert line in message, message
+    assert "x16" in message and "x17" not in message and "fallback" not in message
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+
+
+def test_resume_refuses_another_model_or_fewer_steps(tmp_path, digits_npz, monkeypatch):
+  config = tiny_config(path=digits_npz)
+  state = jax.device_get(build(config, sharding.batch_mesh())[0]).replace(step=np.int32(3))
+  narrow = {**state.params, "conv_in": {"kernel": np.zeros((3, 3, 3, 16), np.float32),
+                                        "bias": np.zeros(16, np.float32)}}
+  for workdir, saved in [("run", state), ("other_model", state.replace(params=narrow,
+                                                                       ema_params=narrow))]:
+    with train.checkpoint_manager(str(tmp_path / workdir / "checkpoints")) as manager:
+      train.save_checkpoint(manager, saved, 3)
+  config.training.num_train_steps = 3  # already there: nothing to do
+  assert int(train.train_and_evaluate(config, str(tmp_path / "run")).step) == 3
+  monkeypatch.setattr(train, "make_train_fn", pytest.fail)  # errors come before compiling
+  config.training.num_train_steps = 2
+  with pytest.raises(ValueError, match=re.escape(str(tmp_path / "run" / "checkpoints"))
+                     + ".* at step 3, past config.training.num_train_steps=2"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  config.training.num_train_steps = 4
+  with pytest.raises(train.CheckpointMismatchError, match=(
+      r"(?s)4 leaves differ.*ema_params/conv_in/kernel: saved \(3, 3, 3, 16\) float32, "
+      r"expected \(3, 3, 3, 32\) float32.*config differs")):
+    train.train_and_evaluate(config, str(tmp_path / "other_model"))
+  assert os.listdir(tmp_path / "other_model" / "checkpoints") == ["3"]
 
 
 def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
@@ -248,6 +355,64 @@ def test_load_ema_params_reads_a_shipped_ema_only_checkpoint(tmp_path):
   np.testing.assert_array_equal(ema["w"], [20.0] * 3)
   with pytest.raises(FileNotFoundError):
     train.load_ema_params(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_checkpoint_when_sampling_is_named(tmp_path, damage):
+  directory = str(tmp_path / "run" / "checkpoints")
+  saved_run(directory)
+  if damage == "garbage":
+    corrupt(directory, 2)
+  else:
+    for path in glob.glob(os.path.join(directory, "2", "ema_params", "**", "*"), recursive=True):
+      if os.path.isfile(path):
+        os.truncate(path, os.path.getsize(path) // 2)
+  with pytest.raises(train.CheckpointError, match=re.escape(os.path.join(directory, "2"))):
+    train.load_ema_params(str(tmp_path / "run"))
+  np.testing.assert_array_equal(train.load_ema_params(str(tmp_path / "run"), step=1)["w"],
+                                [10.0] * 3)
+
+
+def test_sampling_from_a_chosen_training_step(tmp_path, monkeypatch):
+  config = tiny_config()
+  model = unet_from_config(config.model, config.data.image_size, config.data.num_channels)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)), jnp.zeros(1))
+  rng = np.random.default_rng(0)
+  params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
+                        shapes["params"])
+  monkeypatch.chdir(tmp_path)
+  with train.checkpoint_manager("run/checkpoints") as manager:
+    for step in (1, 2):
+      train.save_checkpoint(manager, train.TrainState(
+          step=np.int32(step), params=params, ema_params=jax.tree.map(lambda p: p * step, params),
+          opt_state=np.zeros(())), step)
+  shutil.copytree("run/checkpoints", "elsewhere")  # any orbax checkpoints directory
+  convert.save_params("converted", model, params)
+
+  def load(checkpoint, step=-1):
+    config.sampler.update(checkpoint=checkpoint, checkpoint_step=step)
+    return eps_models.load(config, "run")
+
+  sources = set()
+  for checkpoint, step, directory, expected in [
+      ("", -1, "run/checkpoints", 2), ("run", 1, "run/checkpoints", 1),
+      ("run/checkpoints/1", -1, "run/checkpoints", 1), ("elsewhere/2/", -1, "elsewhere", 2)]:
+    loaded = load(checkpoint, step)
+    assert loaded.source == f"{tmp_path / directory} step {expected} (EMA)"
+    np.testing.assert_array_equal(loaded.params["conv_in"]["kernel"],
+                                  params["conv_in"]["kernel"] * expected)
+    sources.add(loaded.source)
+  assert len(sources) == 3  # two steps of one run are told apart
+  assert load("converted").source == str(tmp_path / "converted")
+  for checkpoint, step in [("run", 7), ("run/checkpoints/7", -1)]:
+    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7 .*available steps: 1, 2"):
+      load(checkpoint, step)
+  with pytest.raises(ValueError, match="step 1, but step 2 was asked for"):
+    load("run/checkpoints/1", 2)
+  with pytest.raises(ValueError, match="checkpoint_step=1 .* not one"):
+    load("converted", 1)
+  gmm = gmm_pndm.get_config()
+  assert eps_models.load(gmm, "").source == f"analytic digits_gmm(std={gmm.model.gmm_std})"
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -3,7 +3,9 @@
 Forward parity with diffusers/PyTorch lives in test_convert.py (it needs the converter).
 """
 
+import importlib
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import numpy as np
 import pytest
 
 from configs.default import get_config
+from pndm_jax import models
 from pndm_jax.convert import abstract_params
 from pndm_jax.models import UNet, eps_fn, unet_from_config
 from pndm_jax.models.unet import timestep_embedding
@@ -115,3 +118,58 @@ def test_wrong_channel_count_is_an_error(tiny_params):
   with pytest.raises(ValueError, match="input channels"):
     jax.eval_shape(lambda p: TINY.apply({"params": p}, jnp.zeros((1, 3, 8, 8)), jnp.zeros((1,))),
                    tiny_params)
+
+
+def test_unet_from_config_rejects_a_dtype_typo():
+  cfg = get_config().model
+  cfg.dtype = "bfloat"
+  with pytest.raises(ValueError) as err:
+    unet_from_config(cfg, image_size=32, num_channels=3)
+  assert str(err.value) == ("config.model.dtype='bfloat' is not valid: not a computation dtype "
+                            "the U-Net supports; valid: float32, bfloat16, float16, float64")
+
+
+@pytest.mark.parametrize("field,value,why", [
+    ("ch", 0, "GroupNorm's 32 groups need a positive multiple of 32"),
+    ("ch", 48, "GroupNorm's 32 groups"),
+    ("ch", 128.0, "GroupNorm's 32 groups"),
+    ("ch_mult", (), "not a non-empty sequence of positive integers"),
+    ("ch_mult", (1, 0, 2), "not a non-empty sequence of positive integers"),
+    ("ch_mult", (1, 2, 2, 2, 4, 4, 4),
+     "its 7 levels halve the image 6 times, so image_size 32 would have to be a multiple of 64"),
+    ("num_res_blocks", 0, "not a positive integer"),
+    ("attn_resolutions", (15,), r"not a sequence of the network's resolutions \(32, 16, 8, 4\)"),
+    ("attn_resolutions", (16.0,), "not a sequence of the network's resolutions"),
+    ("attn_resolutions", 16, "not a sequence of the network's resolutions"),
+    ("dropout", 1.0, r"not a probability in \[0, 1\)"),
+    ("dropout", -0.1, r"not a probability in \[0, 1\)"),
+    ("resamp_with_conv", "yes", "not a bool"),
+    ("dtype", "float", "not a computation dtype"),
+])
+def test_check_model_config_names_the_bad_field(field, value, why):
+  cfg = dict(get_config().model.to_dict(), **{field: value})
+  with pytest.raises(ValueError, match=rf"^config\.model\.{field}={re.escape(repr(value))} is "
+                     rf"not valid: {why}.*; valid: ."):
+    models.check_model_config(cfg, 32, 3)
+
+
+def test_check_model_config_image_size_and_levels():
+  cfg = dict(get_config().model.to_dict(), ch_mult=(1, 2, 2, 2), attn_resolutions=())
+  models.check_model_config(cfg, 24, 3)  # 24 -> 12 -> 6 -> 3
+  with pytest.raises(ValueError, match=r"ch_mult=\(1, 2, 2, 2\) is not valid: .* multiple of 8; "
+                     r"valid: at most 3 levels for image_size 20$"):
+    models.check_model_config(cfg, 20, 3)
+  for bad in (0, 32.0):
+    with pytest.raises(ValueError, match=rf"^image_size={bad!r} is not valid"):
+      models.check_model_config(cfg, bad, 3)
+  with pytest.raises(ValueError, match=r"^num_channels=0 is not valid"):
+    models.check_model_config(cfg, 32, 0)
+
+
+@pytest.mark.parametrize("name", ["default", "cifar10_pndm", "cifar10_ddpm", "celeba_pndm",
+                                  "lsun_church_pndm", "lsun_bedroom_pndm", "digits_train",
+                                  "digits_pndm"])
+def test_shipped_unet_configs_pass_the_model_check(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  assert config.model.name == "unet"
+  models.check_model_config(config.model, config.data.image_size, config.data.num_channels)

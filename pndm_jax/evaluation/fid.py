@@ -15,22 +15,21 @@ Two feature extractors share the machinery (`metric`):
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import logging
 import os
+import tempfile
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import jax
 import numpy as np
 from scipy import linalg
 
-from pndm_jax import sharding
+from pndm_jax import progress, sample_store, sharding
 from pndm_jax.evaluation import digits_classifier, inception
 
 METRICS = ("fid", "fd_digits")
-SAMPLE_SHARD_PATTERN = "samples_*.npz"
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
 Images = Union[np.ndarray, Iterable[np.ndarray]]
@@ -221,15 +220,46 @@ def compute_stats_from_images(images: Images, feature_fn: FeatureFn, *,
   return stats.finalize()
 
 
-def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray) -> None:
-  """Writes pytorch-fid's statistics file (`mu`, `sigma`) to exactly `path`."""
+def check_stats_destination(path: str, overwrite: bool = False) -> None:
+  """Raises before any compute if statistics cannot be written to `path` as asked.
+
+  An existing file is kept unless `overwrite`: it may be the reference an
+  evaluation reads. The directory is probed with a temporary file.
+  """
+  if os.path.isdir(path):
+    raise ValueError(f"config.eval.stats_file={path!r} is a directory; give a .npz file path")
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"statistics file {path} exists; refusing to overwrite it (pass "
+                          "--config.eval.overwrite=True to replace it, or another "
+                          "--config.eval.stats_file)")
+  parent = os.path.dirname(os.path.abspath(path))
+  try:
+    os.makedirs(parent, exist_ok=True)
+    with tempfile.TemporaryFile(dir=parent):
+      pass
+  except OSError as e:
+    raise ValueError(f"cannot write statistics to {path}: {e.strerror or e}") from e
+
+
+def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, overwrite: bool = False) -> None:
+  """Writes pytorch-fid's statistics file (`mu`, `sigma`) to exactly `path`, atomically.
+
+  An existing file is replaced only with `overwrite`.
+  """
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   _check_stats(mu, sigma, path)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp"
+  check_stats_destination(path, overwrite)
+  parent, name = os.path.split(os.path.abspath(path))
+  tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
   with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz"
     np.savez(f, mu=mu, sigma=sigma)
-  os.replace(tmp, path)
+  if overwrite:
+    os.replace(tmp, path)
+    return
+  try:
+    os.link(tmp, path)  # fails if the file appeared meanwhile: never replaces one
+  finally:
+    os.remove(tmp)
 
 
 def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
@@ -290,45 +320,29 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def sample_shard_paths(sample_dir: str) -> list[str]:
-  """The sampling mode's `samples_XXXXX.npz` shards in `sample_dir`, in order."""
-  paths = sorted(glob.glob(os.path.join(sample_dir, SAMPLE_SHARD_PATTERN)))
-  if not paths:
-    raise FileNotFoundError(f"no {SAMPLE_SHARD_PATTERN} shards in {sample_dir!r}")
-  return paths
-
-
-def iter_sample_shards(paths: Sequence[str]) -> Iterator[np.ndarray]:
-  """Yields the uint8 NHWC `images` array of each shard."""
-  for path in paths:
-    with np.load(path) as f:
-      if "images" not in f.files:
-        raise ValueError(f"{path} has no 'images' array (it has {f.files})")
-      images = f["images"]
-    if images.dtype != np.uint8 or images.ndim != 4:
-      raise ValueError(f"{path}: expected uint8 (N, H, W, C) images, got "
-                       f"{images.dtype} {images.shape}")
-    yield images
-
-
 def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str,
-                        out_json: str, extra_info: Optional[dict[str, Any]] = None,
-                        *, metric: str = "fid", batch_size: int = 200,
+                        out_json: str, *, metric: str = "fid", batch_size: int = 200,
+                        num_images: Optional[int] = None, allow_subset: bool = False,
                         devices: Optional[Sequence[jax.Device]] = None
                         ) -> dict[str, Any]:
-  """Frechet distance of the sample shards in `sample_dir` to `stats_file`.
+  """Frechet distance of images 0..num_images-1 of `sample_dir` to `stats_file`.
 
   `weights_file` is the Inception weights for "fid" or the digits-classifier
-  params for "fd_digits". Writes and returns a JSON record with the value
-  (under the metric's name), image count, both files' paths and SHA-256, and
-  `extra_info` (sampler, steps, NFE, ...).
+  params for "fd_digits". The images are read from verified shards (a bad one
+  is named); fewer than `num_images` (default: the directory's own
+  num_samples) is an error unless `allow_subset`. Writes and returns a JSON
+  record of what was scored, read from the data: the value (under the
+  metric's name), the image count and index range, whether that is a subset,
+  the directory's sampler settings and the NFE its shards record, and both
+  files' paths and SHA-256.
   """
   if metric not in METRICS:
     raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
   ref_mu, ref_sigma = load_stats(stats_file)
-  paths = sample_shard_paths(sample_dir)
+  held = sample_store.contents(sample_dir, num_images, allow_subset)
   feature_fn = feature_fn_for(metric, weights_file, batch_size, devices)
-  stats = accumulate_features(iter_sample_shards(paths), feature_fn)
+  with progress.Progress(held.num_images, metric, "img") as bar:
+    stats = accumulate_features(progress.track(held.images(), bar), feature_fn)
   mu, sigma = stats.finalize()
   if mu.shape != ref_mu.shape:
     raise ValueError(f"{metric} features are {mu.shape[0]}-d but {stats_file} "
@@ -340,17 +354,20 @@ def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str,
       metric: frechet_distance(mu, sigma, ref_mu, ref_sigma),
       "metric": metric,
       "num_images": stats.count,
+      "image_indices": f"0..{stats.count - 1}",
+      "num_requested": held.num_requested,
+      "subset": stats.count < held.num_requested,
       "sample_dir": os.path.abspath(sample_dir),
-      "num_shards": len(paths),
+      "num_shards": len(held.paths),
+      "sampler_settings": held.settings,
+      "nfe_per_image": held.nfe_per_image,
       "weights_file": os.path.abspath(weights_file),
       "weights_sha256": file_sha256(weights_file),
       "stats_file": os.path.abspath(stats_file),
       "stats_sha256": file_sha256(stats_file),
-      **(extra_info or {}),
   }
   os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-  with open(out_json, "w") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
+  sample_store.write_json_atomically(out_json, record)
   logging.info("%s = %.4f over %d images -> %s", metric, record[metric],
                stats.count, out_json)
   return record

@@ -117,13 +117,15 @@ def get_method(method: Union[str, Method], eta: float = 0.0) -> Method:
   """Resolves a preset name, an ablation name or a Method value to a Method.
 
   Ablation names read `TRANSFER-GRADIENT[-WARMUP]`, e.g. `classical-rk4` or
-  `pseudo-lms3-heun`. `eta` > 0 is only meaningful for `ddim`, which then
-  samples stochastically.
+  `pseudo-lms3-heun`. Names are case-insensitive, so the reference's `DDIM`,
+  `S-PNDM`, `F-PNDM`, `FON` and `PF` work too. `eta` > 0 is only meaningful for
+  `ddim`, which then samples stochastically.
   """
   if not isinstance(method, str):
     if eta:
       raise ValueError("pass eta inside the method value, not beside it")
     return method
+  method = method.lower()
   if eta:
     if method != "ddim":
       raise ValueError(f"eta={eta} applies to method 'ddim' only, got {method!r}")
