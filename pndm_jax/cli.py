@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Callable
 
 import jax
 import ml_collections
 
-from pndm_jax import (convert, eps_models, input_pipeline, models, progress, sample_store,
-                      sampling, schedules, train)
+from pndm_jax import (convert, eps_models, files, input_pipeline, models, progress,
+                      sample_store, sampling, schedules, train)
 from pndm_jax.evaluation import fid
 
 Started = Callable[[], None]  # a mode calls it once its inputs are loaded and work begins
@@ -60,9 +59,7 @@ def check_workdir(workdir: str) -> None:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise NotADirectoryError(f"--workdir={workdir} is a file, not a directory")
   try:
-    os.makedirs(workdir, exist_ok=True)
-    with tempfile.TemporaryFile(dir=workdir):
-      pass
+    files.ensure_writable_dir(workdir)
   except OSError as e:
     raise PermissionError(f"--workdir={workdir} cannot be written: {e.strerror or e}") from e
 
@@ -76,8 +73,8 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
   check(mode, config, workdir)
 
   def started() -> None:
-    sample_store.write_json_atomically(os.path.join(workdir, f"config_{mode}.json"),
-                                       json.loads(config.to_json_best_effort()))
+    files.write_json_atomically(os.path.join(workdir, f"config_{mode}.json"),
+                                json.loads(config.to_json_best_effort()))
 
   MODE_FUNCTIONS[mode](config, workdir, started)
 

@@ -28,6 +28,8 @@ from typing import Any, Iterator, Optional
 
 import numpy as np
 
+from pndm_jax import files
+
 SETTINGS_FILE = "sampling.json"
 SUMMARY_FILE = "summary.json"
 SHARD_PATTERN = "samples_{:05d}.npz"
@@ -59,19 +61,11 @@ def num_shards(shard_size: int, num_samples: int) -> int:
   return -(-num_samples // shard_size)
 
 
-def write_json_atomically(path: str, obj: Any) -> None:
-  """Writes JSON under a per-process temporary name, then renames it into place."""
-  tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp{os.getpid()}")
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2)
-  os.replace(tmp, path)
-
-
 def write_shard(sample_dir: str, k: int, images: np.ndarray, indices: np.ndarray,
                 nfe: Optional[int]) -> None:
   """Shard k, written under a hidden temporary name and renamed: it exists only when complete."""
   path = shard_path(sample_dir, k)
-  tmp = os.path.join(sample_dir, f".{os.path.basename(path)}.tmp{os.getpid()}")
+  tmp = files.temporary_name(path)
   with open(tmp, "wb") as f:
     np.savez(f, images=images, indices=indices, nfe=np.asarray(-1 if nfe is None else nfe))
   os.replace(tmp, path)
@@ -176,12 +170,12 @@ def open_for_writing(sample_dir: str, settings: dict[str, Any]) -> dict[str, Any
       raise SampleDirError(f"{sample_dir} holds sample shards but no {SETTINGS_FILE}: their "
                            "settings are unknown; sample into another directory")
     os.makedirs(sample_dir, exist_ok=True)
-    write_json_atomically(os.path.join(sample_dir, SETTINGS_FILE), settings)
+    files.write_json_atomically(os.path.join(sample_dir, SETTINGS_FILE), settings)
     return json.loads(json.dumps(settings))
   check_settings(sample_dir, recorded, settings)
   if settings["num_samples"] > recorded["num_samples"]:
     recorded["num_samples"] = settings["num_samples"]
-    write_json_atomically(os.path.join(sample_dir, SETTINGS_FILE), recorded)
+    files.write_json_atomically(os.path.join(sample_dir, SETTINGS_FILE), recorded)
   return recorded
 
 

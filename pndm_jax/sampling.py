@@ -27,7 +27,7 @@ import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from pndm_jax import (image_grid, models, progress, sample_store, samplers, schedules,
+from pndm_jax import (files, image_grid, models, progress, sample_store, samplers, schedules,
                       sharding)
 
 SAMPLE_DIR = "samples"    # default sample directories live under <workdir>/samples/
@@ -235,8 +235,7 @@ def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_
       processes=jax.process_count(), batch_size=sharding.round_up(s.batch_size, mesh),
       settings=settings)
   if summary["complete"]:
-    sample_store.write_json_atomically(os.path.join(sample_dir, sample_store.SUMMARY_FILE),
-                                       summary)
+    files.write_json_atomically(os.path.join(sample_dir, sample_store.SUMMARY_FILE), summary)
     _save_grid(held, os.path.join(sample_dir, "grid.png"))
   logging.info("%s: %d of %d images (%d made now, NFE %s per image)", sample_dir,
                held.num_images, s.num_samples, made, held.nfe_per_image)
@@ -257,6 +256,6 @@ def _save_grid(held: sample_store.Contents, path: str, count: int = 64,
   images = next(held.images())[:count]
   scale = max(1, min_size // images.shape[1])
   images = images.repeat(scale, axis=1).repeat(scale, axis=2)
-  tmp = os.path.join(os.path.dirname(path), f".grid.tmp{os.getpid()}.png")
+  tmp = files.temporary_name(path) + ".png"  # PIL picks the format by the extension
   image_grid.save_image_grid(images, tmp, nrow=int(math.ceil(math.sqrt(len(images)))))
   os.replace(tmp, path)

@@ -19,14 +19,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import jax
 import numpy as np
 from scipy import linalg
 
-from pndm_jax import progress, sample_store, sharding
+from pndm_jax import files, progress, sample_store, sharding
 from pndm_jax.evaluation import digits_classifier, inception
 
 METRICS = ("fid", "fd_digits")
@@ -232,11 +231,8 @@ def check_stats_destination(path: str, overwrite: bool = False) -> None:
     raise FileExistsError(f"statistics file {path} exists; refusing to overwrite it (pass "
                           "--config.eval.overwrite=True to replace it, or another "
                           "--config.eval.stats_file)")
-  parent = os.path.dirname(os.path.abspath(path))
   try:
-    os.makedirs(parent, exist_ok=True)
-    with tempfile.TemporaryFile(dir=parent):
-      pass
+    files.ensure_writable_dir(os.path.dirname(os.path.abspath(path)))
   except OSError as e:
     raise ValueError(f"cannot write statistics to {path}: {e.strerror or e}") from e
 
@@ -249,8 +245,7 @@ def save_stats(path: str, mu: np.ndarray, sigma: np.ndarray, overwrite: bool = F
   mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
   _check_stats(mu, sigma, path)
   check_stats_destination(path, overwrite)
-  parent, name = os.path.split(os.path.abspath(path))
-  tmp = os.path.join(parent, f".{name}.tmp{os.getpid()}")
+  tmp = files.temporary_name(os.path.abspath(path))
   with open(tmp, "wb") as f:  # a file object: np.savez must not append ".npz"
     np.savez(f, mu=mu, sigma=sigma)
   if overwrite:
@@ -367,7 +362,7 @@ def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str,
       "stats_sha256": file_sha256(stats_file),
   }
   os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-  sample_store.write_json_atomically(out_json, record)
+  files.write_json_atomically(out_json, record)
   logging.info("%s = %.4f over %d images -> %s", metric, record[metric],
                stats.count, out_json)
   return record
