@@ -238,4 +238,4 @@ def evaluation_batches(data: ml_collections.ConfigDict, batch_size: int, *,
   source, preprocess = _checked_source(data)
   ds = grain.MapDataset.source(source).map(preprocess).batch(batch_size)
   return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                   prefetch_buffer_size=2)))
+                                                   prefetch_buffer_size=num_threads)))

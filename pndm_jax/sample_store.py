@@ -116,7 +116,11 @@ def _shard_names(sample_dir: str) -> list[str]:
 
 
 def check_shard(sample_dir: str, k: int, shard_size: int, num_samples: int) -> Optional[str]:
-  """None if shard k holds every image it must for `num_samples`, else why not."""
+  """None if shard k holds every image it must for `num_samples`, else why not.
+
+  The reason is "missing", "short: ..." (a good shard of a smaller num_samples,
+  to be made whole) or "bad shard ..." (unreadable, or the wrong images).
+  """
   path = shard_path(sample_dir, k)
   if not os.path.exists(path):
     return "missing"
@@ -125,9 +129,11 @@ def check_shard(sample_dir: str, k: int, shard_size: int, num_samples: int) -> O
   except SampleDirError as e:
     return str(e)
   want = shard_indices(k, shard_size, num_samples)
-  if not len(shard.indices) or shard.indices[0] != want[0] or len(shard.indices) < len(want):
-    span = f"{shard.indices[0]}..{shard.indices[-1]}" if len(shard.indices) else "none"
-    return f"{path} holds images {span}, not {want[0]}..{want[-1]}"
+  span = f"{shard.indices[0]}..{shard.indices[-1]}" if len(shard.indices) else "none"
+  if not len(shard.indices) or shard.indices[0] != want[0]:
+    return f"bad shard {path}: it holds images {span}, not {want[0]}..{want[-1]}"
+  if len(shard.indices) < len(want):
+    return f"short: {path} holds images {span} of {want[0]}..{want[-1]}"
   return None
 
 

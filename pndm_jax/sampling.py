@@ -176,7 +176,7 @@ def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_
   todo = []
   for k in range(sample_store.num_shards(s.shard_size, s.num_samples)):
     why = sample_store.check_shard(sample_dir, k, s.shard_size, s.num_samples)
-    if why not in (None, "missing"):
+    if why is not None and why.startswith("bad shard"):
       logging.warning("remaking shard %d: %s", k, why)
     if why is not None:
       todo.append(k)
