@@ -5,7 +5,7 @@
       --config.sampler.checkpoint=/path/to/celeba.ckpt --config.sampler.num_steps=20
 
 Modes (--mode):
-  sample   images from a model into <workdir>/samples/<settings>/ (resumable shards)
+  sample   images from a model into <workdir>/samples/<settings>/ (resumable chunks)
   train    train the eps-prediction U-Net; checkpoints and logs in --workdir (resumable)
   convert  a DDIM .ckpt, diffusers folder or training run -> <workdir>/converted
   stats    reference feature statistics of a dataset -> --config.eval.stats_file
@@ -36,7 +36,7 @@ CLU_METRICS_LOG = os.path.join("clu", "metric_writers", "logging_writer.py")
 config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file name>).")
-flags.DEFINE_string("mode", "sample", f"One of: {', '.join(MODES)}.")
+flags.DEFINE_enum("mode", "sample", MODES, "What to do (see the modes above).")
 flags.DEFINE_bool("show_config", False, "Print the config's fields and values, then exit.")
 flags.DEFINE_bool("verbose", False, "Show third-party INFO logs and tracebacks of errors.")
 FLAGS = flags.FLAGS
@@ -126,8 +126,6 @@ class _ProjectOrWarnings(std_logging.Filter):
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])} (flags are --name=value)")
-  if FLAGS.mode not in MODES:
-    fail(f"unknown --mode={FLAGS.mode!r}; valid modes: {', '.join(MODES)}")
   mode, config = FLAGS.mode, FLAGS.config
   if FLAGS.show_config:
     print(config)

@@ -18,7 +18,7 @@ def get_config():
   config.diffusion.schedule = "linear"
   config.sampler.method = "f-pndm"
   config.sampler.num_steps = 50
-  config.sampler.index = "paper"
+  config.sampler.convention = "paper"
   config.sampler.num_samples = 50_000
   config.sampler.batch_size = 256
   return config

@@ -1,4 +1,4 @@
-"""Training the CIFAR-10 U-Net as the reference does (METHODS §7), sampled with F-PNDM."""
+"""Training the CIFAR-10 U-Net as the reference does (docs/methods.md §9), sampled with F-PNDM."""
 
 from configs import cifar10_pndm
 

@@ -58,8 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampler = ml_collections.ConfigDict()
   config.sampler.method = "f-pndm"
   config.sampler.num_steps = 50
-  config.sampler.index = "paper"
-  config.sampler.grid = "uniform"
+  config.sampler.convention = "paper"  # alpha-bar convention: paper | consistent
+  config.sampler.spacing = "uniform"  # timestep spacing: uniform | linspace
   config.sampler.eta = 0.0
   config.sampler.num_samples = 64
   config.sampler.batch_size = 64
@@ -68,7 +68,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampler.checkpoint_step = -1  # training run: which step's EMA (-1 = the latest)
   config.sampler.checkpoint_list_entry = -1  # list .ckpt: -1 = the EMA entry DDIM saves last;
                                              # 0 = raw training weights
-  config.sampler.shard_size = 1000
+  config.sampler.chunk_size = 1000
   config.sampler.save_pngs = False
   config.sampler.sample_dir = ""      # "" = <workdir>/samples/<method>-<steps>-seed<seed>-<hash>
 

@@ -53,20 +53,21 @@ def make_model(name: str) -> analytic.GaussianMixture:
   return analytic.gaussian(dim=8) if name == "gaussian" else analytic.gaussian_mixture(dim=8)
 
 
-def errors_for(model, model_name, sched, index, method, steps, x_T):
-  """(median, mean) error norms of x0 over the batch, one pair per step count."""
-  eps_fn = model.eps_fn(sched, index)
+def errors_for(model, model_name, sched, convention, method, steps, x_T):
+  """(NFE, median, mean error norm of x0 over the batch), one triple per step count."""
+  eps_fn = model.eps_fn(sched, convention)
+  sampler = samplers.get_method(method)
   out = []
   for s in steps:
-    a_start, a_end = analytic.ode_endpoints(sched, s, "uniform", index)
+    d = schedules.Discretization(sched, s, spacing="uniform", convention=convention)
+    a_start, a_end = analytic.ode_endpoints(d)
     if model_name == "gaussian":
       truth = model.exact_solution(x_T, a_start, a_end)
     else:
       truth = model.reference_solution(x_T, a_start, a_end)
-    x0, _ = jax.jit(lambda x: samplers.sample(eps_fn, x, sched, method=method, num_steps=s,
-                                              index=index))(x_T)
+    x0 = jax.jit(samplers.sample_deterministic, static_argnums=(0, 2, 3))(eps_fn, x_T, sampler, d)
     err = np.asarray(jnp.linalg.norm(x0 - truth, axis=-1))
-    out.append((float(np.median(err)), float(np.mean(err))))
+    out.append((sampler.num_evals(d), float(np.median(err)), float(np.mean(err))))
   return out
 
 
@@ -86,15 +87,14 @@ def run(grid: dict, num_samples: int, out_dir: str) -> dict[tuple, float]:
                            figsize=(12, 4 * max(1, len(settings) // 2)), squeeze=False)
   for ax, (model_name, sched_name, index) in zip(axes.flat, settings):
     model = make_model(model_name)
-    sched = schedules.make_schedule(sched_name)
+    sched = schedules.Schedule(sched_name)
     x_T = jax.random.normal(jax.random.key(0), (num_samples, 8), jnp.float64)
     for method in grid["methods"]:
       errs = errors_for(model, model_name, sched, index, method, grid["steps"], x_T)
-      med = [e[0] for e in errs]
+      nfes, med = [e[0] for e in errs], [e[1] for e in errs]
       order = fitted_order(grid["steps"], med, grid["fit"])
       orders[(model_name, sched_name, index, method)] = order
-      nfes = [samplers.nfe(method, s, grid="uniform", index=index) for s in grid["steps"]]
-      for s, n, (e_med, e_mean) in zip(grid["steps"], nfes, errs):
+      for s, (n, e_med, e_mean) in zip(grid["steps"], errs):
         rows.append(dict(model=model_name, schedule=sched_name, index=index, method=method,
                          steps=s, nfe=n, median_error=e_med, mean_error=e_mean,
                          fitted_order=order))

@@ -39,7 +39,7 @@ FLAGS = flags.FLAGS
 
 METHODS = ("ddim", "f-pndm", "pseudo-rk4", "classical-euler", "fon", "classical-rk4")
 PSEUDO = ("ddim", "f-pndm", "pseudo-rk4")
-INDEX = "consistent"
+CONVENTION = "consistent"
 
 
 def ring(num_components: int = 8, radius: float = 0.7, std: float = 0.03):
@@ -49,9 +49,9 @@ def ring(num_components: int = 8, radius: float = 0.7, std: float = 0.03):
                                   np.full_like(means, std))
 
 
-def evaluations(model, sched, method, num_steps, x_T):
+def evaluations(model, discretization, method, x_T):
   """Runs `method` eagerly; returns its final x0 and every (x, t) it fed the model."""
-  eps_fn = model.eps_fn(sched, INDEX)
+  eps_fn = model.eps_fn(discretization.schedule, discretization.convention)
   seen = []
 
   def recording_eps(x, t):
@@ -59,29 +59,28 @@ def evaluations(model, sched, method, num_steps, x_T):
     return eps_fn(x, t)
 
   with jax.disable_jit():
-    x0, _ = samplers.sample(recording_eps, x_T, sched, method=method, num_steps=num_steps,
-                            index=INDEX)
+    x0 = samplers.sample_deterministic(recording_eps, x_T, method, discretization)
   return np.asarray(x0), seen
 
 
-def off_manifold(model, sched, points):
+def off_manifold(model, discretization, points):
   """Mean -log p(y; sigma_t) of evaluated points, per timestep, sorted by t (descending)."""
   out = {}
   for x, t in points:
-    a = float(sched.alpha_bar(np.array([t]), INDEX)[0])
+    a = float(discretization.alpha_bar(np.array([t]))[0])
     y = jnp.asarray(x) / np.sqrt(a)
     nll = -np.asarray(model.log_density_y(y, np.sqrt((1 - a) / a)))
     out.setdefault(t, []).append(float(np.mean(nll)))
   return sorted(((t, float(np.mean(v))) for t, v in out.items()), reverse=True)
 
 
-def typical_nll(model, sched, ts, num):
+def typical_nll(model, discretization, ts, num):
   """The same statistic for true noised data y = x0 + sigma z (what 'on manifold' means)."""
   x0 = model.sample(jax.random.key(1), num, jnp.float64)
   z = jax.random.normal(jax.random.key(2), x0.shape, jnp.float64)
   out = []
   for t in ts:
-    a = float(sched.alpha_bar(np.array([t]), INDEX)[0])
+    a = float(discretization.alpha_bar(np.array([t]))[0])
     sigma = np.sqrt((1 - a) / a)
     out.append(float(-np.mean(model.log_density_y(x0 + sigma * z, sigma))))
   return out
@@ -95,14 +94,17 @@ def within_data(model, x0, k: float = 4.0) -> float:
 
 def run(methods, num_samples: int, num_steps: int, out_dir: str) -> dict[str, float]:
   model = ring()
-  sched = schedules.make_schedule("linear")
+  discretization = schedules.Discretization(schedules.Schedule("linear"), num_steps,
+                                            convention=CONVENTION)
   x_T = jax.random.normal(jax.random.key(0), (num_samples, 2), jnp.float64)
   fig = plt.figure(figsize=(4 * len(methods), 8))
   ax_n = fig.add_subplot(2, 1, 2)
   angles = np.linspace(0, 2 * np.pi, 200)
-  rows, fractions = [], {}
+  rows, fractions, nfes = [], {}, {}
   for col, method in enumerate(methods):
-    x0, seen = evaluations(model, sched, method, num_steps, x_T)
+    value = samplers.get_method(method)
+    nfes[method] = value.num_evals(discretization)
+    x0, seen = evaluations(model, discretization, value, x_T)
     fractions[method] = within_data(model, x0)
     ax = fig.add_subplot(2, len(methods), col + 1)
     ax.plot(0.7 * np.cos(angles), 0.7 * np.sin(angles), "k:", lw=0.8)
@@ -110,16 +112,16 @@ def run(methods, num_samples: int, num_steps: int, out_dir: str) -> dict[str, fl
     ax.set_aspect("equal")
     ax.set_xlim(-1.2, 1.2)
     ax.set_ylim(-1.2, 1.2)
-    ax.set_title(f"{method} (NFE {samplers.nfe(method, num_steps)}): "
+    ax.set_title(f"{method} (NFE {nfes[method]}): "
                  f"{100 * fractions[method]:.0f}% on data", fontsize=9)
-    curve = off_manifold(model, sched, seen)
+    curve = off_manifold(model, discretization, seen)
     style = "-" if method in PSEUDO else "--"
     ax_n.plot([t for t, _ in curve], [v for _, v in curve], style, marker="o", ms=3,
               label=method)
     rows += [dict(method=method, t=t, mean_nll=v, on_data_fraction=fractions[method])
              for t, v in curve]
   ts = sorted({r["t"] for r in rows}, reverse=True)
-  ax_n.plot(ts, typical_nll(model, sched, ts, 2048), "k", lw=2, label="true noised data")
+  ax_n.plot(ts, typical_nll(model, discretization, ts, 2048), "k", lw=2, label="true noised data")
   ax_n.set_xlabel("timestep t of the model evaluation")
   ax_n.set_ylabel("mean -log p_t(y) of evaluated points")
   ax_n.set_yscale("symlog")
@@ -137,7 +139,7 @@ def run(methods, num_samples: int, num_steps: int, out_dir: str) -> dict[str, fl
       f"2-D ring of 8 Gaussians (std 0.03), exact eps, {num_steps} steps, "
       f"{num_samples} samples; 'on data' = within 4 std of a component mean.\n\n"
       + report.markdown_table(["method", "NFE", "on data"],
-                              [[m, samplers.nfe(m, num_steps), f"{100 * f:.1f}%"]
+                              [[m, nfes[m], f"{100 * f:.1f}%"]
                                for m, f in fractions.items()]))
   return fractions
 

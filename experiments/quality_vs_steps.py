@@ -26,7 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import report  # noqa: E402
-from pndm_jax import eps_models, input_pipeline, sampling  # noqa: E402
+from pndm_jax import eps_models, generation, input_pipeline, sampler_spec  # noqa: E402
 from pndm_jax.evaluation import digits_classifier, fid  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/digits_pndm.py", "Model/sampler config.")
@@ -44,10 +44,10 @@ FIXED_STEP_METHODS = ("ddim", "s-pndm", "f-pndm", "fon")
 REFERENCES = (("ddim", 1000, "consistent"), ("ddpm", 1000, "consistent"))
 
 
-def settings(quick: bool, index: str) -> list[tuple[str, int, str]]:
+def settings(quick: bool, convention: str) -> list[tuple[str, int, str]]:
   steps = QUICK_STEPS if quick else STEPS
-  runs = [(m, s, index) for m in FIXED_STEP_METHODS for s in steps]
-  return runs if quick else runs + [("pf", 0, index)] + list(REFERENCES)
+  runs = [(m, s, convention) for m in FIXED_STEP_METHODS for s in steps]
+  return runs if quick else runs + [("pf", 0, convention)] + list(REFERENCES)
 
 
 def reference_stats(metric: str, weights: str, workdir: str) -> str:
@@ -74,21 +74,21 @@ def main(argv):
   if metric == "fd_digits":
     digits_classifier.load_or_train_digits_classifier(weights)  # trained once, then shipped
   stats = reference_stats(metric, weights, FLAGS.workdir)
-  model = eps_models.load(config, FLAGS.workdir)
+  model = eps_models.load(config, sampler_spec.from_config(config), FLAGS.workdir)
 
   rows = []
-  for method, steps, index in settings(FLAGS.quick, config.sampler.index):
+  for method, steps, convention in settings(FLAGS.quick, config.sampler.convention):
     run_config = config.copy_and_resolve_references()
     run_config.unlock()
-    run_config.sampler.update(method=method, num_steps=max(steps, 1), index=index,
-                              num_samples=num_samples, shard_size=num_samples,
+    run_config.sampler.update(method=method, num_steps=max(steps, 1), convention=convention,
+                              num_samples=num_samples, chunk_size=num_samples,
                               batch_size=min(num_samples, 500))
-    sample_dir = os.path.join(FLAGS.workdir, f"{method}_{steps}_{index}")
-    summary = sampling.generate_samples(model, run_config, sample_dir)
+    sample_dir = os.path.join(FLAGS.workdir, f"{method}_{steps}_{convention}")
+    summary = generation.generate_samples(model, sampler_spec.from_config(run_config), sample_dir)
     record = fid.evaluate_sample_dir(sample_dir, stats, weights,
                                      os.path.join(sample_dir, f"{metric}.json"),
                                      metric=metric)
-    rows.append(dict(method=method, steps=steps or "adaptive", index=index,
+    rows.append(dict(method=method, steps=steps or "adaptive", index=convention,
                      nfe=summary["nfe_per_image"], **{metric: record[metric]},
                      num_images=record["num_images"]))
     print(rows[-1])

@@ -7,7 +7,8 @@ import datetime
 import os
 import platform
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 
 def provenance() -> str:

@@ -1,7 +1,7 @@
 """Data distributions with exact eps, for tests and convergence ablations.
 
 With y = x / sqrt(a) and sigma = sqrt((1 - a) / a), noising reads y = x0 + sigma z,
-and every deterministic sampler here solves dy/dsigma = E[z | y] (METHODS §4).
+and every deterministic sampler here solves dy/dsigma = E[z | y] (docs/methods.md §4).
 For a Gaussian mixture with diagonal covariances that expectation is exact, and
 for a single Gaussian so is the ODE's solution:
 y(sigma') - mu = (y(sigma) - mu) sqrt((s^2 + sigma'^2) / (s^2 + sigma^2)).
@@ -10,7 +10,7 @@ y(sigma') - mu = (y(sigma) - mu) sqrt((s^2 + sigma'^2) / (s^2 + sigma^2)).
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,11 +66,11 @@ class GaussianMixture:
     resp = jax.nn.softmax(log_prob, axis=-1)
     return sigma[:, 0] * jnp.einsum("bk,bkd->bd", resp, diff / var)
 
-  def eps_fn(self, schedule: schedules.Schedule, index: str) -> Callable:
-    """The exact eps_fn(x, t) for data x [B, ...] under `schedule` and `index`."""
+  def eps_fn(self, schedule: schedules.Schedule, convention: str) -> Callable:
+    """The exact eps_fn(x, t) for data x [B, ...] under `schedule` and alpha-bar `convention`."""
 
     def eps(x: jax.Array, t: jax.Array) -> jax.Array:
-      a = schedule.alpha_bar(t, index).astype(t.dtype)[:, None]
+      a = schedule.alpha_bar(t, convention).astype(t.dtype)[:, None]
       flat = x.reshape(x.shape[0], -1).astype(t.dtype)
       out = self.eps_y(flat / jnp.sqrt(a), jnp.sqrt((1 - a) / a)[:, 0])
       return out.reshape(x.shape).astype(x.dtype)
@@ -139,9 +139,7 @@ def gaussian_mixture(dim: int = 8, num_components: int = 4, seed: int = 0) -> Ga
                          rng.uniform(0.05, 0.2, (num_components, dim)))
 
 
-def ode_endpoints(schedule: schedules.Schedule, num_steps: int, grid: str,
-                  index: str) -> tuple[float, float]:
+def ode_endpoints(discretization: schedules.Discretization) -> tuple[float, float]:
   """Alpha-bar where a sampler on this grid starts and where it ends."""
-  t, t_next = schedules.timesteps(schedule.num_timesteps, num_steps, grid, index)
-  return (float(schedule.alpha_bar(t[:1], index)[0]),
-          float(schedule.alpha_bar(t_next[-1:], index)[0]))
+  d = discretization
+  return float(d.alpha_bar(d.t[:1])[0]), float(d.alpha_bar(d.t_next[-1:])[0])

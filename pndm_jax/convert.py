@@ -1,24 +1,23 @@
-"""PyTorch U-Net checkpoints -> Flax params, and the orbax checkpoints the samplers load.
+"""The PyTorch <-> Flax mapping of the DDPM/DDIM U-Net's weights (docs/methods.md §8).
 
 Reads (a) DDIM-repository state_dicts (`.ckpt`: plain or EMA, optional `module.` prefix; of a list
 checkpoint `[state_dict, optimizer, epoch, step(, ema_state_dict)]` one entry, by default the EMA
-entry the DDIM repository saves last) and (b) diffusers `UNet2DModel`
-folders (`config.json` + `diffusion_pytorch_model.safetensors` or `.bin`). Both are mapped onto
-`pndm_jax.models.UNet` through one key table (`_MODULES`/`_LAYERS`), used in both directions.
-Any unknown, missing or mis-shaped key is a `ConversionError` listing them: nothing is dropped.
+entry the DDIM repository saves last) and (b) diffusers `UNet2DModel` folders (`config.json` +
+`diffusion_pytorch_model.safetensors` or `.bin`). Both are mapped onto `pndm_jax.models.UNet`
+through one key table (`_MODULES`/`_LAYERS`), used in both directions. Any unknown, missing or
+mis-shaped key is a `CheckpointError` listing them: nothing is dropped. Where weights are found
+and how they are stored is `checkpoints`' business.
 
 safetensors are read with `safetensors.numpy`; torch is imported only for `.ckpt`/`.bin` pickles.
 
 Public API:
   read_pytorch(src, expected=None, image_size=None, list_entry=-1, report=None) -> (UNet, params)
-  convert_checkpoint(src, dst, expected=None, image_size=None, list_entry=-1, report=None) -> UNet
-  save_params(path, model, params); load_params(path, dtype=None) -> (UNet, params)
-  load_checkpoint(path, expected=None, image_size=None, list_entry=-1, report=None)  # any format
   from_state_dict(state_dict, model, layout) -> params; to_state_dict(params, model, layout)
   state_dict_shapes(model, layout) -> {key: shape}; abstract_params(model) -> ShapeDtypeStruct tree
+  architecture(model) -> the fields a checkpoint determines; reconcile(...) checks them
 `params` is always the Flax "params" collection (what `model.apply({"params": params}, ...)` takes).
 Each read logs (absl, INFO) one line saying what it read, e.g. "read entry 4 of 5 (EMA) of
-celeba.ckpt"; `report`, if given, gets that line too (the CLI prints it).
+celeba.ckpt"; `report`, if given, gets that line too.
 """
 
 import dataclasses
@@ -26,8 +25,6 @@ import functools
 import json
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,11 +32,11 @@ import flax.traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from safetensors.numpy import load_file as load_safetensors
 
-from pndm_jax.models.unet import UNet, check_model_config
+from pndm_jax import choices
+from pndm_jax.models.unet import UNet
 
 LAYOUTS = ("ddim", "diffusers")
 
@@ -101,16 +98,13 @@ _DIFFUSERS_FIXED = {
     "time_embedding_type": ("positional", "positional"),
 }
 # The UNet fields a checkpoint determines (dropout and dtype it does not).
-_ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resamp_with_conv",
+ARCH_FIELDS = ("ch", "ch_mult", "num_res_blocks", "attn_resolutions", "resamp_with_conv",
                 "in_channels", "out_channels", "image_size")
-_MODEL_JSON = "model.json"
-_FORMAT = "pndm_jax.unet.params/1"
-_REMAKE = "remake it from the original weights with main.py --mode=convert"
 _MAX_LISTED = 40
 
 
-class ConversionError(ValueError):
-  """A checkpoint that cannot be read, or does not fit the network."""
+class CheckpointError(ValueError):
+  """Weights that cannot be found, read or used: the one error type of `checkpoints`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +135,6 @@ def _torch_module(flax_module: str, layout: str, levels: int) -> str:
   raise KeyError(f"no key-table entry for Flax module {flax_module!r}")
 
 
-def _check_layout(layout: str) -> None:
-  if layout not in LAYOUTS:
-    raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-
-
 @functools.lru_cache(maxsize=16)
 def _traced_params(model: UNet) -> Any:
   x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
@@ -160,7 +149,7 @@ def abstract_params(model: UNet) -> Any:
 
 def _entries(model: UNet, layout: str) -> list[_Entry]:
   """The key table expanded over every parameter of `model`, for one PyTorch layout."""
-  _check_layout(layout)
+  choices.check("layout", layout, LAYOUTS)
   col = LAYOUTS.index(layout)
   levels = len(model.ch_mult)
   entries = []
@@ -206,7 +195,7 @@ def state_dict_shapes(model: UNet, layout: str) -> dict[str, tuple[int, ...]]:
   return {e.key: _torch_shape(e) for e in _entries(model, layout)}
 
 
-def _listing(title: str, items: list[str]) -> str:
+def listing(title: str, items: list[str]) -> str:
   shown = "\n    ".join(items[:_MAX_LISTED])
   more = f"\n    ... and {len(items) - _MAX_LISTED} more" if len(items) > _MAX_LISTED else ""
   return f"  {title} ({len(items)}):\n    {shown}{more}"
@@ -219,7 +208,7 @@ def _rename_old_attention(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     m = re.fullmatch(r"(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)", key)
     new = f"{m[1]}.{_DIFFUSERS_OLD_ATTN[m[2]]}.{m[3]}" if m else key
     if new in out:
-      raise ConversionError(f"both {key} and an equivalent of it ({new}) are in the checkpoint")
+      raise CheckpointError(f"both {key} and an equivalent of it ({new}) are in the checkpoint")
     out[new] = value
   return out
 
@@ -227,7 +216,7 @@ def _rename_old_attention(state_dict: Mapping[str, Any]) -> dict[str, Any]:
 def from_state_dict(state_dict: Mapping[str, Any], model: UNet, layout: str) -> Any:
   """Flax params of `model` from a `layout` state_dict of numpy-convertible arrays.
 
-  Raises ConversionError listing every missing, unexpected and mis-shaped key.
+  Raises CheckpointError listing every missing, unexpected and mis-shaped key.
   """
   entries = _entries(model, layout)
   if layout == "diffusers":
@@ -240,11 +229,11 @@ def from_state_dict(state_dict: Mapping[str, Any], model: UNet, layout: str) -> 
       for k, e in expected.items()
       if k in state_dict and tuple(np.shape(state_dict[k])) != _torch_shape(e))
   if missing or unexpected or misshaped:
-    parts = [_listing(title, items) for title, items in (
+    parts = [listing(title, items) for title, items in (
         ("missing keys", missing), ("unexpected keys", unexpected),
         ("mis-shaped keys", misshaped)) if items]
-    raise ConversionError(f"the {layout} state_dict does not match the network {_arch(model)}:\n"
-                          + "\n".join(parts))
+    raise CheckpointError(f"the {layout} state_dict does not match the network "
+                          f"{architecture(model)}:\n" + "\n".join(parts))
   flat = {e.flax_path: _to_flax(np.asarray(state_dict[e.key], np.float32), e.kind)
           for e in entries}
   return flax.traverse_util.unflatten_dict(flat)
@@ -257,8 +246,8 @@ def to_state_dict(params: Any, model: UNet, layout: str) -> dict[str, np.ndarray
           for e in _entries(model, layout)}
 
 
-def _arch(model: UNet) -> dict[str, Any]:
-  return {f: getattr(model, f) for f in _ARCH_FIELDS}
+def architecture(model: UNet) -> dict[str, Any]:
+  return {f: getattr(model, f) for f in ARCH_FIELDS}
 
 
 def _attn_levels(model: UNet) -> tuple[int, ...]:
@@ -269,26 +258,26 @@ def _attn_levels(model: UNet) -> tuple[int, ...]:
 
 def _check_image_size(image_size: int, levels: int) -> None:
   if image_size <= 0 or image_size % 2 ** (levels - 1):
-    raise ConversionError(f"image_size {image_size} is not a positive multiple of "
+    raise CheckpointError(f"image_size {image_size} is not a positive multiple of "
                           f"2**{levels - 1} for a {levels}-level network")
 
 
 def _infer_ddim(sd: Mapping[str, np.ndarray], image_size: int | None) -> dict[str, Any]:
   """UNet fields read off a DDIM-layout state_dict (image_size decides the attention levels)."""
   if image_size is None:
-    raise ConversionError("a DDIM .ckpt does not record the image size: pass image_size "
+    raise CheckpointError("a DDIM .ckpt does not record the image size: pass image_size "
                           "(or an expected network)")
 
   def get(key: str) -> np.ndarray:
     if key not in sd:
-      raise ConversionError(f"cannot infer the architecture: no {key!r} in the state_dict "
+      raise CheckpointError(f"cannot infer the architecture: no {key!r} in the state_dict "
                             f"(is this a DDIM-layout checkpoint? its first keys: {sorted(sd)[:8]})")
     return sd[key]
 
   ch, in_ch = get("conv_in.weight").shape[:2]
   levels = 1 + max((int(m[1]) for k in sd if (m := re.match(r"down\.(\d+)\.", k))), default=-1)
   if levels == 0:
-    raise ConversionError("cannot infer the architecture: no down.{i}.* keys in the state_dict "
+    raise CheckpointError("cannot infer the architecture: no down.{i}.* keys in the state_dict "
                           "(a diffusers model is read from its folder, with config.json)")
   _check_image_size(image_size, levels)
   num_res_blocks = len({m[1] for k in sd if (m := re.match(r"down\.0\.block\.(\d+)\.", k))})
@@ -296,7 +285,7 @@ def _infer_ddim(sd: Mapping[str, np.ndarray], image_size: int | None) -> dict[st
   for i in range(levels):
     out = get(f"down.{i}.block.0.conv1.weight").shape[0]
     if out % ch:
-      raise ConversionError(f"down.{i} has {out} channels, not a multiple of ch={ch}")
+      raise CheckpointError(f"down.{i} has {out} channels, not a multiple of ch={ch}")
     ch_mult.append(out // ch)
   attn = tuple(image_size // 2 ** i for i in range(levels) if f"down.{i}.attn.0.q.weight" in sd)
   with_conv = levels == 1 or "down.0.downsample.conv.weight" in sd
@@ -316,7 +305,7 @@ def _diffusers_fields(config: Mapping[str, Any]) -> dict[str, Any]:
     down, up = list(config["down_block_types"]), list(config["up_block_types"])
     size, nrb = config["sample_size"], int(config["layers_per_block"])
   except (KeyError, TypeError, ValueError) as e:
-    raise ConversionError(f"diffusers config lacks a usable {e}") from e
+    raise CheckpointError(f"diffusers config lacks a usable {e}") from e
   if isinstance(size, (list, tuple)):
     if len(set(size)) != 1:
       problems.append(f"sample_size={size} (needs a square image)")
@@ -333,7 +322,7 @@ def _diffusers_fields(config: Mapping[str, Any]) -> dict[str, Any]:
   if attn_down != [b.startswith("Attn") for b in reversed(up)]:
     problems.append(f"attention in down blocks {down} and up blocks {up} does not mirror")
   if problems:
-    raise ConversionError("the diffusers UNet2DModel is not a DDPM/DDIM U-Net:\n  "
+    raise CheckpointError("the diffusers UNet2DModel is not a DDPM/DDIM U-Net:\n  "
                           + "\n  ".join(problems))
   _check_image_size(int(size), len(boc))
   return dict(ch=boc[0], ch_mult=tuple(c // boc[0] for c in boc), num_res_blocks=nrb,
@@ -342,21 +331,21 @@ def _diffusers_fields(config: Mapping[str, Any]) -> dict[str, Any]:
               out_channels=int(config.get("out_channels", 3)), image_size=int(size))
 
 
-def _reconcile(fields: dict[str, Any], dropout: float | None, expected: UNet | None,
+def reconcile(fields: dict[str, Any], dropout: float | None, expected: UNet | None,
                image_size: int | None, src: str) -> UNet:
   """The network of a checkpoint, checked against the expected one (which gives dropout/dtype)."""
   found = UNet(**fields, **({} if dropout is None else {"dropout": dropout}))
   if image_size is not None and image_size != found.image_size:
-    raise ConversionError(f"{src} is for {found.image_size}x{found.image_size} images, "
+    raise CheckpointError(f"{src} is for {found.image_size}x{found.image_size} images, "
                           f"not {image_size}")
   if expected is None:
     return found
-  got, want = _arch(found), _arch(expected)
+  got, want = architecture(found), architecture(expected)
   got["attn_resolutions"], want["attn_resolutions"] = (
       tuple(m.image_size // 2 ** i for i in _attn_levels(m)) for m in (found, expected))
   diff = [f"{k}: checkpoint {got[k]!r}, expected {want[k]!r}" for k in got if got[k] != want[k]]
   if diff:
-    raise ConversionError(f"{src} holds a different architecture than expected:\n  "
+    raise CheckpointError(f"{src} holds a different architecture than expected:\n  "
                           + "\n  ".join(diff))
   return expected
 
@@ -365,7 +354,7 @@ def _import_torch() -> Any:
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    raise ConversionError("reading PyTorch pickles (.ckpt/.bin) needs torch: "
+    raise CheckpointError("reading PyTorch pickles (.ckpt/.bin) needs torch: "
                           "pip install torch==2.13.0 (safetensors need no torch)") from e
   return torch
 
@@ -374,12 +363,12 @@ def _torch_state_dict(obj: Any, src: str) -> dict[str, np.ndarray]:
   """float32 numpy arrays of a state_dict of tensors; any other value is an error."""
   torch = _import_torch()
   if not isinstance(obj, Mapping):
-    raise ConversionError(f"{src} holds a {type(obj).__name__}, not a state_dict")
+    raise CheckpointError(f"{src} holds a {type(obj).__name__}, not a state_dict")
   bad = sorted(k for k, v in obj.items()
                if not (isinstance(v, torch.Tensor) and v.is_floating_point()))
   if bad:
-    raise ConversionError(f"{src}: entries that are not floating-point tensors:\n"
-                          + _listing("keys", bad))
+    raise CheckpointError(f"{src}: entries that are not floating-point tensors:\n"
+                          + listing("keys", bad))
   return {k: v.detach().cpu().to(torch.float32).numpy() for k, v in obj.items()}
 
 
@@ -388,7 +377,7 @@ def _torch_load(path: str) -> Any:
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # corrupt, truncated or foreign files fail in many ways
-    raise ConversionError(f"cannot read the PyTorch checkpoint {path}: {e}") from e
+    raise CheckpointError(f"cannot read the PyTorch checkpoint {path}: {e}") from e
 
 
 def _is_state_dict(obj: Any) -> bool:
@@ -416,9 +405,9 @@ def _read_ddim(path: str, list_entry: int) -> tuple[dict[str, np.ndarray], str]:
   if isinstance(obj, (list, tuple)):
     n, entries = len(obj), ", ".join(_describe_entry(e) for e in obj)
     if not -n <= list_entry < n:
-      raise ConversionError(f"{path} is a list of {n} entries ({entries}); no entry {list_entry}")
+      raise CheckpointError(f"{path} is a list of {n} entries ({entries}); no entry {list_entry}")
     if list_entry == -1 and not _is_state_dict(obj[-1]):
-      raise ConversionError(
+      raise CheckpointError(
           f"{path} is a list checkpoint with no EMA entry (the DDIM repository appends the EMA "
           f"state_dict last when EMA is on); entries: {entries}. For the raw training weights "
           "(entry 0) pass --config.sampler.checkpoint_list_entry=0 (list_entry=0)")
@@ -441,22 +430,22 @@ def _read_diffusers(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     with open(os.path.join(folder, "config.json")) as f:
       config = json.load(f)
   except (OSError, ValueError) as e:
-    raise ConversionError(f"{folder} is not a diffusers model folder: {e}") from e
+    raise CheckpointError(f"{folder} is not a diffusers model folder: {e}") from e
   st = os.path.join(folder, "diffusion_pytorch_model.safetensors")
   if os.path.exists(st):
     try:
       sd = load_safetensors(st)
     except Exception as e:  # safetensors raises its own error type or OSError
-      raise ConversionError(f"cannot read {st}: {e}") from e
+      raise CheckpointError(f"cannot read {st}: {e}") from e
     return config, {k: np.asarray(v, np.float32) for k, v in sd.items()}
   pt = os.path.join(folder, "diffusion_pytorch_model.bin")
   if os.path.exists(pt):
     return config, _torch_state_dict(_torch_load(pt), pt)
-  raise ConversionError(f"{folder} has neither diffusion_pytorch_model.safetensors nor .bin "
+  raise CheckpointError(f"{folder} has neither diffusion_pytorch_model.safetensors nor .bin "
                         f"(found {sorted(os.listdir(folder))})")
 
 
-def _note(line: str, report: Callable[[str], None] | None) -> None:
+def note(line: str, report: Callable[[str], None] | None) -> None:
   logging.info("%s", line)
   if report is not None:
     report(line)
@@ -481,156 +470,15 @@ def read_pytorch(src: str, expected: UNet | None = None, image_size: int | None 
     dropout = float(config.get("dropout", 0.0))
     read = f"read the diffusers UNet2DModel {src}"
   elif src.endswith(".safetensors"):
-    raise ConversionError(f"{src}: pass the diffusers model folder (with config.json), not the "
+    raise CheckpointError(f"{src}: pass the diffusers model folder (with config.json), not the "
                           "weights file")
   elif os.path.isfile(src):
     sd, read = _read_ddim(src, list_entry)
     size = image_size if image_size is not None or expected is None else expected.image_size
     fields, layout, dropout = _infer_ddim(sd, size), "ddim", None
   else:
-    raise ConversionError(f"no checkpoint at {src}")
-  model = _reconcile(fields, dropout, expected, image_size, src)
+    raise CheckpointError(f"no checkpoint at {src}")
+  model = reconcile(fields, dropout, expected, image_size, src)
   params = from_state_dict(sd, model, layout)
-  _note(read, report)
+  note(read, report)
   return model, params
-
-
-def _model_json(model: UNet, files: dict[str, int]) -> dict[str, Any]:
-  return {"format": _FORMAT, **_arch(model), "dropout": model.dropout,
-          "dtype": jnp.dtype(model.dtype).name, "files": files}
-
-
-def _file_sizes(root: str) -> dict[str, int]:
-  """Path relative to `root` -> size in bytes, of every file under `root`."""
-  paths = sorted(os.path.join(d, f) for d, _, files in os.walk(root) for f in files)
-  return {os.path.relpath(p, root): os.path.getsize(p) for p in paths}
-
-
-def _is_params_checkpoint(path: str) -> bool:
-  return os.path.isfile(os.path.join(path, _MODEL_JSON))
-
-
-def save_params(path: str, model: UNet, params: Any) -> None:
-  """Writes params + architecture as a directory (orbax `params/` + `model.json`).
-
-  Written to a temporary sibling and renamed into place, so a failure leaves an existing
-  checkpoint at `path` intact. Refuses to replace anything that is not such a checkpoint.
-  model.json also records the size of every file under `params/`, so that `load_params` tells
-  a truncated copy from a good one before orbax reads it.
-  """
-  path = os.path.abspath(path)
-  if os.path.lexists(path) and not _is_params_checkpoint(path):
-    raise ConversionError(f"{path} exists and is not a pndm_jax params checkpoint; "
-                          "refusing to replace it")
-  flatten = flax.traverse_util.flatten_dict
-  want = {p: (tuple(s.shape), np.dtype(np.float32))
-          for p, s in flatten(abstract_params(model)).items()}
-  got = {p: (tuple(np.shape(a)), np.dtype(a.dtype)) for p, a in flatten(params).items()}
-  if got != want:
-    raise ConversionError("params do not fit the network (tree, shapes or float32 dtype differ)")
-  parent = os.path.dirname(path)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save(os.path.join(tmp, "params"), params)
-      ckptr.wait_until_finished()
-    files = _file_sizes(os.path.join(tmp, "params"))
-    with open(os.path.join(tmp, _MODEL_JSON), "w") as f:
-      json.dump(_model_json(model, files), f, indent=2)
-    if os.path.lexists(path):
-      old = tmp + ".old"
-      os.rename(path, old)
-      try:
-        os.rename(tmp, path)
-      except OSError:
-        os.rename(old, path)
-        raise
-      shutil.rmtree(old)
-    else:
-      os.rename(tmp, path)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-
-
-def _read_model_json(path: str, dtype: Any) -> tuple[UNet, dict[str, int]]:
-  """The network a `save_params` directory's model.json describes, and its `params/` file sizes
-  (none recorded by older checkpoints); anything else in model.json is an error."""
-  file = os.path.join(path, _MODEL_JSON)
-  try:
-    with open(file) as f:
-      meta = json.load(f)
-  except (OSError, ValueError) as e:
-    raise ConversionError(f"{path} is not a pndm_jax params checkpoint, or a truncated or corrupt "
-                          f"one: cannot read {file} ({e}); {_REMAKE}") from e
-  if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
-    raise ConversionError(f"{file} is not in the format {_FORMAT}")
-  files = meta.get("files", {})
-  fields = {k: v for k, v in meta.items() if k not in ("format", "files")}
-  want = {*_ARCH_FIELDS, "dropout", "dtype"}
-  missing, unknown = sorted(want - fields.keys()), sorted(fields.keys() - want)
-  if missing or unknown:
-    raise ConversionError(f"{file} is corrupt (missing fields {missing}, unknown fields "
-                          f"{unknown}); {_REMAKE}")
-  if not isinstance(files, dict) or not all(isinstance(n, int) for n in files.values()):
-    raise ConversionError(f"{file} is corrupt (files={files!r} is not a name -> size table); "
-                          f"{_REMAKE}")
-  try:
-    check_model_config(fields, fields["image_size"], fields["in_channels"], prefix="")
-  except ValueError as e:
-    raise ConversionError(f"{file} is corrupt ({e}); {_REMAKE}") from e
-  fields["ch_mult"], fields["attn_resolutions"] = (tuple(fields[k]) for k in
-                                                   ("ch_mult", "attn_resolutions"))
-  fields["dtype"] = jnp.dtype(dtype if dtype is not None else fields["dtype"])
-  return UNet(**fields), files
-
-
-def load_params(path: str, dtype: Any = None) -> tuple[UNet, Any]:
-  """(network, params) of a `save_params` checkpoint; `dtype` overrides the computation dtype.
-
-  A truncated or corrupt directory is a ConversionError naming it (not an orbax traceback).
-  """
-  model, sizes = _read_model_json(path, dtype)
-  params_dir = os.path.join(os.path.abspath(path), "params")
-  found = _file_sizes(params_dir)
-  damaged = [f"params/{name}: " + (f"{found[name]} bytes, written as {size}" if name in found
-                                   else "missing")
-             for name, size in sorted(sizes.items()) if found.get(name) != size]
-  if damaged:
-    raise ConversionError(f"{path} is truncated or corrupt:\n{_listing('damaged files', damaged)}"
-                          f"\n  {_REMAKE}")
-  try:
-    with ocp.StandardCheckpointer() as ckptr:
-      params = ckptr.restore(params_dir, abstract_params(model))
-  except Exception as e:  # orbax and tensorstore fail in many ways on damaged files
-    first_line = (str(e).strip().splitlines() or [""])[0][:300]
-    raise ConversionError(f"{path} is a truncated or corrupt params checkpoint: its params/ "
-                          f"cannot be restored ({type(e).__name__}: {first_line}); "
-                          f"{_REMAKE}") from e
-  return model, params
-
-
-def load_checkpoint(path: str, expected: UNet | None = None, image_size: int | None = None,
-                    list_entry: int = -1,
-                    report: Callable[[str], None] | None = None) -> tuple[UNet, Any]:
-  """(network, params) of any supported checkpoint: a `save_params` directory, a DDIM `.ckpt`
-  or a diffusers folder; arguments as in `read_pytorch`."""
-  if os.path.isdir(path) and _is_params_checkpoint(path):
-    model, params = load_params(path)
-    _reconcile(_arch(model), model.dropout, expected, image_size, path)
-    _note(f"read the params checkpoint {path}", report)
-    return (expected or model), params
-  return read_pytorch(path, expected, image_size, list_entry, report)
-
-
-def convert_checkpoint(src: str, dst: str, expected: UNet | None = None,
-                       image_size: int | None = None, list_entry: int = -1,
-                       report: Callable[[str], None] | None = None) -> UNet:
-  """Converts a DDIM `.ckpt` or diffusers folder to a `save_params` checkpoint at `dst`.
-
-  For `main.py --mode=convert`. Arguments as in `read_pytorch`; returns the network written.
-  """
-  model, params = read_pytorch(src, expected, image_size, list_entry, report)
-  save_params(dst, model, params)
-  return model

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import grain
 import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from pndm_jax import choices
 
 DATASETS = ("cifar10", "celeb_a", "digits", "image_folder", "npz")
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
@@ -120,8 +122,7 @@ def load_digits(image_size: int, fit: str = "resize") -> np.ndarray:
     return images
   if image_size < 8:
     raise ValueError(f"digits are 8x8; image_size must be >= 8, got {image_size}")
-  if fit not in DIGITS_FITS:
-    raise ValueError(f"unknown digits_fit {fit!r}; valid choices: {', '.join(DIGITS_FITS)}")
+  choices.check("digits_fit", fit, DIGITS_FITS)
   if fit == "pad":
     lo = (image_size - 8) // 2
     pad = ((0, 0), (lo, image_size - 8 - lo), (lo, image_size - 8 - lo), (0, 0))
@@ -184,8 +185,7 @@ def _source(data: ml_collections.ConfigDict) -> tuple[Sequence, Callable, int]:
 
 def _checked_source(data: ml_collections.ConfigDict) -> tuple[Sequence, Callable]:
   """`_source` after validating the dataset name, channel count and non-emptiness."""
-  if data.dataset not in DATASETS:
-    raise ValueError(f"unknown dataset {data.dataset!r}; valid choices: {', '.join(DATASETS)}")
+  choices.check("dataset", data.dataset, DATASETS)
   source, preprocess, channels = _source(data)
   if channels != data.num_channels:
     raise ValueError(f"dataset {data.dataset!r} has {channels} channels but "

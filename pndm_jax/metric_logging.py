@@ -5,7 +5,8 @@ from __future__ import annotations
 import importlib.util
 import sys
 import types
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,7 @@ if (importlib.util.find_spec("tensorflow") is None
   _summary_writer.SummaryWriter = lambda logdir: TensorboardXWriter(logdir)
   sys.modules[_SUMMARY_WRITER_MODULE] = _summary_writer
 
-from clu import metric_writers  # pylint: disable=g-import-not-at-top,wrong-import-position
-from clu import periodic_actions  # pylint: disable=g-import-not-at-top,wrong-import-position
+from clu import metric_writers, periodic_actions  # noqa: E402  (after the stand-in above)
 
 __all__ = ["metric_writers", "periodic_actions", "TensorboardXWriter"]
 
@@ -51,7 +51,7 @@ class TensorboardXWriter(metric_writers.MetricWriter):
       self._writer.add_text(key, value, global_step=step)
 
   def write_histograms(self, step: int, arrays: Mapping[str, Any],
-                       num_buckets: Optional[Mapping[str, int]] = None):
+                       num_buckets: Mapping[str, int] | None = None):
     for key, value in arrays.items():
       bins = (num_buckets or {}).get(key, "tensorflow")
       self._writer.add_histogram(key, np.asarray(value), global_step=step, bins=bins)

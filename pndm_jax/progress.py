@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Iterable, Iterator, Optional, Sized, TextIO
+from collections.abc import Iterable, Iterator, Sized
+from typing import TextIO
 
 
 def _duration(seconds: float) -> str:
@@ -26,8 +27,8 @@ def _duration(seconds: float) -> str:
 class Progress:
   """Counts work done towards `total` and redraws one line with rate and ETA."""
 
-  def __init__(self, total: Optional[int], desc: str, unit: str = "it", initial: int = 0,
-               stream: Optional[TextIO] = None, enabled: Optional[bool] = None,
+  def __init__(self, total: int | None, desc: str, unit: str = "it", initial: int = 0,
+               stream: TextIO | None = None, enabled: bool | None = None,
                min_interval: float = 0.2):
     self.total, self.desc, self.unit = total, desc, unit
     self.count = self._start_count = initial
@@ -37,7 +38,7 @@ class Progress:
     self._start = self._last_draw = time.perf_counter()
     self._min_interval = min_interval
 
-  def __enter__(self) -> "Progress":
+  def __enter__(self) -> Progress:
     self._draw(force=True)
     return self
 

@@ -1,19 +1,19 @@
-"""The sample directory format: settings, shards, claims, and verified reads.
+"""The sample directory format: settings, chunks, claims, and verified reads.
 
 A sample directory holds
 
   sampling.json        the settings that determine its images (written once; a run
                        with other settings is refused, `num_samples` may grow)
-  samples_XXXXX.npz    shard k: uint8 NHWC `images`, int `indices` = k*S, k*S+1, ...
-                       (S = shard_size) and `nfe`, the model evaluations per image
-  samples_XXXXX.claim  while a process makes shard k: its host and pid (an atomic
-                       create; a dead claimant's shard is taken over)
+  samples_XXXXX.npz    chunk k: uint8 NHWC `images`, int `indices` = k*S, k*S+1, ...
+                       (S = chunk_size) and `nfe`, the model evaluations per image
+  samples_XXXXX.claim  while a process makes chunk k: its host and pid (an atomic
+                       create; a dead claimant's chunk is taken over)
   summary.json, grid.png   written when the directory is complete
 
-Shards are written under a hidden temporary name and renamed when complete, and
-every finished shard is verified (it loads, holds the right indices) before it
+Chunks are written under a hidden temporary name and renamed when complete, and
+every finished chunk is verified (it loads, holds the right indices) before it
 is trusted: by a resuming sampler, which remakes a bad one, and by evaluation,
-which names it. Image i depends only on (settings, i), so shards made by
+which names it. Image i depends only on (settings, i), so chunks made by
 different runs or processes of the same settings belong together.
 """
 
@@ -24,7 +24,8 @@ import json
 import os
 import socket
 import zipfile
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,7 @@ from pndm_jax import files
 
 SETTINGS_FILE = "sampling.json"
 SUMMARY_FILE = "summary.json"
-SHARD_PATTERN = "samples_{:05d}.npz"
+CHUNK_PATTERN = "samples_{:05d}.npz"
 CLAIM_PATTERN = "samples_{:05d}.claim"
 GROWABLE = ("num_samples",)  # settings that may change between runs on one directory
 
@@ -42,29 +43,29 @@ class SampleDirError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class Shard:
-  images: Optional[np.ndarray]  # uint8 [n, H, W, C] (None when only the header was read)
+class Chunk:
+  images: np.ndarray | None  # uint8 [n, H, W, C] (None when only the header was read)
   indices: np.ndarray           # int [n], consecutive
-  nfe: Optional[int]            # model evaluations per image (None if the shard does not say)
+  nfe: int | None            # model evaluations per image (None if the chunk does not say)
 
 
-def shard_path(sample_dir: str, k: int) -> str:
-  return os.path.join(sample_dir, SHARD_PATTERN.format(k))
+def chunk_path(sample_dir: str, k: int) -> str:
+  return os.path.join(sample_dir, CHUNK_PATTERN.format(k))
 
 
-def shard_indices(k: int, shard_size: int, num_samples: int) -> np.ndarray:
-  """The image indices shard k holds for a directory of `num_samples` images."""
-  return np.arange(k * shard_size, min((k + 1) * shard_size, num_samples))
+def chunk_indices(k: int, chunk_size: int, num_samples: int) -> np.ndarray:
+  """The image indices chunk k holds for a directory of `num_samples` images."""
+  return np.arange(k * chunk_size, min((k + 1) * chunk_size, num_samples))
 
 
-def num_shards(shard_size: int, num_samples: int) -> int:
-  return -(-num_samples // shard_size)
+def num_chunks(chunk_size: int, num_samples: int) -> int:
+  return -(-num_samples // chunk_size)
 
 
-def write_shard(sample_dir: str, k: int, images: np.ndarray, indices: np.ndarray,
-                nfe: Optional[int]) -> None:
-  """Shard k, written under a hidden temporary name and renamed: it exists only when complete."""
-  path = shard_path(sample_dir, k)
+def write_chunk(sample_dir: str, k: int, images: np.ndarray, indices: np.ndarray,
+                nfe: int | None) -> None:
+  """Chunk k, written under a hidden temporary name and renamed: it exists only when complete."""
+  path = chunk_path(sample_dir, k)
   tmp = files.temporary_name(path)
   with open(tmp, "wb") as f:
     np.savez(f, images=images, indices=indices, nfe=np.asarray(-1 if nfe is None else nfe))
@@ -81,13 +82,13 @@ def _images_header(npz: Any) -> tuple[tuple[int, ...], np.dtype]:
   return shape, dtype
 
 
-def read_shard(path: str, load_images: bool = True) -> Shard:
-  """Shard at `path`, checked for form; a SampleDirError names the file and what is wrong."""
+def read_chunk(path: str, load_images: bool = True) -> Chunk:
+  """Chunk at `path`, checked for form; a SampleDirError names the file and what is wrong."""
   try:
     with np.load(path) as f:
       missing = {"images", "indices"} - set(f.files)
       if missing:
-        raise SampleDirError(f"bad shard {path}: it lacks {sorted(missing)}")
+        raise SampleDirError(f"bad chunk {path}: it lacks {sorted(missing)}")
       indices = f["indices"]
       nfe = int(f["nfe"]) if "nfe" in f.files else -1
       images = f["images"] if load_images else None
@@ -95,44 +96,44 @@ def read_shard(path: str, load_images: bool = True) -> Shard:
   except SampleDirError:
     raise
   except (OSError, ValueError, EOFError, zipfile.BadZipFile, KeyError) as e:
-    raise SampleDirError(f"bad shard {path}: cannot be read ({type(e).__name__}: {e}); "
+    raise SampleDirError(f"bad chunk {path}: cannot be read ({type(e).__name__}: {e}); "
                          f"it is truncated or corrupt") from e
   if dtype != np.uint8 or len(shape) != 4:
-    raise SampleDirError(f"bad shard {path}: images are {dtype} {shape}, "
+    raise SampleDirError(f"bad chunk {path}: images are {dtype} {shape}, "
                          "not uint8 (N, H, W, C)")
   if indices.shape != shape[:1] or (len(indices) and np.any(
       indices != indices[0] + np.arange(len(indices)))):
-    raise SampleDirError(f"bad shard {path}: its indices are not {shape[0]} consecutive "
+    raise SampleDirError(f"bad chunk {path}: its indices are not {shape[0]} consecutive "
                          "image indices")
-  return Shard(images, indices.astype(np.int64), None if nfe < 0 else nfe)
+  return Chunk(images, indices.astype(np.int64), None if nfe < 0 else nfe)
 
 
-def _shard_names(sample_dir: str) -> list[str]:
-  """The finished shard files in `sample_dir`, in index order."""
+def _chunk_names(sample_dir: str) -> list[str]:
+  """The finished chunk files in `sample_dir`, in index order."""
   if not os.path.isdir(sample_dir):
     return []
   return sorted(f for f in os.listdir(sample_dir) if f.startswith("samples_")
                 and f.endswith(".npz"))
 
 
-def check_shard(sample_dir: str, k: int, shard_size: int, num_samples: int) -> Optional[str]:
-  """None if shard k holds every image it must for `num_samples`, else why not.
+def check_chunk(sample_dir: str, k: int, chunk_size: int, num_samples: int) -> str | None:
+  """None if chunk k holds every image it must for `num_samples`, else why not.
 
-  The reason is "missing", "short: ..." (a good shard of a smaller num_samples,
-  to be made whole) or "bad shard ..." (unreadable, or the wrong images).
+  The reason is "missing", "short: ..." (a good chunk of a smaller num_samples,
+  to be made whole) or "bad chunk ..." (unreadable, or the wrong images).
   """
-  path = shard_path(sample_dir, k)
+  path = chunk_path(sample_dir, k)
   if not os.path.exists(path):
     return "missing"
   try:
-    shard = read_shard(path)
+    chunk = read_chunk(path)
   except SampleDirError as e:
     return str(e)
-  want = shard_indices(k, shard_size, num_samples)
-  span = f"{shard.indices[0]}..{shard.indices[-1]}" if len(shard.indices) else "none"
-  if not len(shard.indices) or shard.indices[0] != want[0]:
-    return f"bad shard {path}: it holds images {span}, not {want[0]}..{want[-1]}"
-  if len(shard.indices) < len(want):
+  want = chunk_indices(k, chunk_size, num_samples)
+  span = f"{chunk.indices[0]}..{chunk.indices[-1]}" if len(chunk.indices) else "none"
+  if not len(chunk.indices) or chunk.indices[0] != want[0]:
+    return f"bad chunk {path}: it holds images {span}, not {want[0]}..{want[-1]}"
+  if len(chunk.indices) < len(want):
     return f"short: {path} holds images {span} of {want[0]}..{want[-1]}"
   return None
 
@@ -140,7 +141,7 @@ def check_shard(sample_dir: str, k: int, shard_size: int, num_samples: int) -> O
 # ----------------------------------------------------------------------------- settings
 
 
-def read_settings(sample_dir: str) -> Optional[dict[str, Any]]:
+def read_settings(sample_dir: str) -> dict[str, Any] | None:
   path = os.path.join(sample_dir, SETTINGS_FILE)
   if not os.path.exists(path):
     return None
@@ -172,8 +173,8 @@ def open_for_writing(sample_dir: str, settings: dict[str, Any]) -> dict[str, Any
   """
   recorded = read_settings(sample_dir)
   if recorded is None:
-    if _shard_names(sample_dir):
-      raise SampleDirError(f"{sample_dir} holds sample shards but no {SETTINGS_FILE}: their "
+    if _chunk_names(sample_dir):
+      raise SampleDirError(f"{sample_dir} holds sample chunks but no {SETTINGS_FILE}: their "
                            "settings are unknown; sample into another directory")
     os.makedirs(sample_dir, exist_ok=True)
     files.write_json_atomically(os.path.join(sample_dir, SETTINGS_FILE), settings)
@@ -198,8 +199,8 @@ def _process_alive(pid: int) -> bool:
   return True
 
 
-def claimant(sample_dir: str, k: int) -> Optional[dict[str, Any]]:
-  """Who claimed shard k ({"host", "pid"}), or None; an unreadable claim counts as a dead one."""
+def claimant(sample_dir: str, k: int) -> dict[str, Any] | None:
+  """Who claimed chunk k ({"host", "pid"}), or None; an unreadable claim counts as a dead one."""
   try:
     with open(os.path.join(sample_dir, CLAIM_PATTERN.format(k))) as f:
       return json.load(f)
@@ -218,9 +219,9 @@ def claim_is_live(claim: dict[str, Any]) -> bool:
 
 
 def try_claim(sample_dir: str, k: int) -> bool:
-  """Claims shard k for this process (atomically); takes over a dead claimant's claim.
+  """Claims chunk k for this process (atomically); takes over a dead claimant's claim.
 
-  The winner removes any temporary file a dead writer of shard k left behind.
+  The winner removes any temporary file a dead writer of chunk k left behind.
   """
   path = os.path.join(sample_dir, CLAIM_PATTERN.format(k))
   for _ in range(2):
@@ -230,7 +231,7 @@ def try_claim(sample_dir: str, k: int) -> bool:
       claim = claimant(sample_dir, k)
       if claim is not None and claim_is_live(claim):
         return False
-      try:  # only one process wins this rename, so only one takes the shard over
+      try:  # only one process wins this rename, so only one takes the chunk over
         os.rename(path, f"{path}.stale{os.getpid()}")
         os.remove(f"{path}.stale{os.getpid()}")
       except FileNotFoundError:
@@ -239,7 +240,7 @@ def try_claim(sample_dir: str, k: int) -> bool:
     with os.fdopen(fd, "w") as f:
       json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
     for name in os.listdir(sample_dir):
-      if name.startswith(f".{SHARD_PATTERN.format(k)}.tmp"):
+      if name.startswith(f".{CHUNK_PATTERN.format(k)}.tmp"):
         os.remove(os.path.join(sample_dir, name))
     return True
   return False
@@ -262,41 +263,41 @@ class Contents:
   paths: list[str]
   num_images: int          # images 0..num_images-1, all present
   num_requested: int
-  settings: Optional[dict[str, Any]]
-  nfe_per_image: Optional[int]  # as the shards record it (None: unrecorded or varying)
+  settings: dict[str, Any] | None
+  nfe_per_image: int | None  # as the chunks record it (None: unrecorded or varying)
 
   def images(self) -> Iterator[np.ndarray]:
-    """The uint8 images 0..num_images-1, shard by shard (each re-verified as it is read)."""
+    """The uint8 images 0..num_images-1, chunk by chunk (each re-verified as it is read)."""
     left = self.num_images
     for path in self.paths:
-      images = read_shard(path).images[:left]
+      images = read_chunk(path).images[:left]
       left -= len(images)
       yield images
 
 
-def contents(sample_dir: str, num_requested: Optional[int] = None,
+def contents(sample_dir: str, num_requested: int | None = None,
              allow_subset: bool = False) -> Contents:
-  """The verified shards holding images 0..N-1, N = `num_requested` (default: all recorded).
+  """The verified chunks holding images 0..N-1, N = `num_requested` (default: all recorded).
 
-  A bad shard is a SampleDirError naming it. Fewer images than requested is a
+  A bad chunk is a SampleDirError naming it. Fewer images than requested is a
   SampleDirError unless `allow_subset`, when the leading complete run of images is used.
   """
   settings = read_settings(sample_dir)
-  names = _shard_names(sample_dir)
+  names = _chunk_names(sample_dir)
   if not names:
-    raise SampleDirError(f"no sample shards (samples_XXXXX.npz) in {sample_dir}; make them "
+    raise SampleDirError(f"no sample chunks (samples_XXXXX.npz) in {sample_dir}; make them "
                          "with --mode=sample and the same config")
   if num_requested is None:
     num_requested = settings["num_samples"] if settings else None
   paths, count, nfes = [], 0, set()
   for name in names:
     path = os.path.join(sample_dir, name)
-    shard = read_shard(path, load_images=False)
-    if shard.indices[0] != count:
+    chunk = read_chunk(path, load_images=False)
+    if chunk.indices[0] != count:
       break  # a gap: images from `count` on are missing
     paths.append(path)
-    count += len(shard.indices)
-    nfes.add(shard.nfe)
+    count += len(chunk.indices)
+    nfes.add(chunk.nfe)
     if num_requested is not None and count >= num_requested:
       break
   if num_requested is None:

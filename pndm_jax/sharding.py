@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXIS = "batch"
 
 
-def batch_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
+def batch_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh over `devices` (default: all) whose single axis shards the batch."""
   return Mesh(np.asarray(list(devices) if devices is not None else jax.devices()),
               (BATCH_AXIS,))

@@ -3,7 +3,6 @@
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -12,11 +11,10 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from fid_weights import random_jax_fid_pickle
-from test_sampling import read_all, sample_dir_of
+from test_generation import read_all, sample_dir_of
 
-from pndm_jax import convert, models, sample_store
+from pndm_jax import checkpoints, models, sample_store
 from pndm_jax.evaluation import fid, inception
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,10 +44,10 @@ def snapshot(root):
 
 @pytest.fixture(scope="module")
 def good_run(tmp_path_factory):
-  """A workdir holding a finished 21-image GMM run (F-PNDM, 10 steps, shards of 8)."""
+  """A workdir holding a finished 21-image GMM run (F-PNDM, 10 steps, chunks of 8)."""
   workdir = tmp_path_factory.mktemp("good")
   result = run_main(*GMM, f"--workdir={workdir}", "--config.sampler.num_samples=21",
-                    "--config.sampler.shard_size=8")
+                    "--config.sampler.chunk_size=8")
   assert result.returncode == 0, result.stderr
   return workdir
 
@@ -63,7 +61,7 @@ def bad_inputs(tmp_path_factory):
                      dropout=0.0, in_channels=1, out_channels=1, image_size=8)
   params = unet.init(jax.random.key(0), np.zeros((1, 8, 8, 1)), np.zeros((1,)))["params"]
   path = root / "damaged_params"
-  convert.save_params(str(path), unet, jax.device_get(params))
+  checkpoints.save_params(str(path), unet, jax.device_get(params))
   biggest = max((os.path.join(d, f) for d, _, fs in os.walk(path) for f in fs),
                 key=os.path.getsize)
   with open(biggest, "r+b") as f:
@@ -81,7 +79,7 @@ BAD_INPUTS = [
     ([], ["--config=FILE is required", "configs/digits_pndm.py"]),
     (GMM + ["--config.sampler.metod=ddim"], ["metod", "did you mean config.sampler.method"]),
     (GMM + ["--config.sampler.num_steps=ten"], ["num_steps", "ten"]),
-    (GMM + ["--mode=render"], ["'render'", "valid modes: train, sample, convert, stats, eval"]),
+    (GMM + ["--mode=render"], ["--mode=render", "train|sample|convert|stats|eval"]),
     (GMM + ["--config.sampler.method=dpm-solver"], ["'dpm-solver'", "ddim, s-pndm, f-pndm"]),
     (GMM + ["--config.sampler.num_steps=2"], ["at least 4 steps"]),
     (["--config=configs/digits_pndm.py", "--config.model.dtype=bfloat"],
@@ -89,8 +87,8 @@ BAD_INPUTS = [
     (GMM + ["--mode=train", "--config.data.dataset=mnist"], ["'mnist'", "cifar10, celeb_a"]),
     (GMM + ["--workdir={inputs}/a_file"], ["a_file", "is a file"]),
     (GMM + ["--workdir={inputs}/a_file/run"], ["a_file/run", "cannot be written"]),
-    (GMM + ["--config.sampler.num_samples=21", "--config.sampler.shard_size=4"],
-     ["shard_size", "directory 8, now 4"]),
+    (GMM + ["--config.sampler.num_samples=21", "--config.sampler.chunk_size=4"],
+     ["chunk_size", "directory 8, now 4"]),
     (GMM + TINY_UNET + ["--config.sampler.checkpoint={inputs}/damaged_params"],
      ["damaged_params", "truncated or corrupt"]),
     (GMM + ["--mode=convert"], ["config.sampler.checkpoint", "empty"]),
@@ -149,12 +147,12 @@ def test_runs_of_other_settings_share_a_workdir(tmp_path):
 
 def test_kill_9_during_sampling_then_resume(tmp_path):
   common = ["--config=configs/digits_pndm.py", "--config.sampler.num_samples=32",
-            "--config.sampler.shard_size=4", "--config.sampler.batch_size=4"]
+            "--config.sampler.chunk_size=4", "--config.sampler.batch_size=4"]
   straight = run_main(*common, f"--workdir={tmp_path / 'straight'}")
   assert straight.returncode == 0, straight.stderr
   proc = start_main(*common, f"--workdir={tmp_path / 'killed'}")
   deadline = time.time() + 120
-  while time.time() < deadline and proc.poll() is None:  # kill once the first shard is out
+  while time.time() < deadline and proc.poll() is None:  # kill once the first chunk is out
     samples = tmp_path / "killed" / "samples"
     if samples.exists() and any(n.endswith(".npz") for d in os.listdir(samples)
                                 for n in os.listdir(samples / d)):
@@ -163,19 +161,19 @@ def test_kill_9_during_sampling_then_resume(tmp_path):
   proc.send_signal(signal.SIGKILL)
   proc.communicate()
   sample_dir = sample_dir_of(tmp_path / "killed")
-  kept = sum(sample_store.check_shard(sample_dir, k, 4, 32) is None for k in range(8))
+  kept = sum(sample_store.check_chunk(sample_dir, k, 4, 32) is None for k in range(8))
   resumed = run_main(*common, f"--workdir={tmp_path / 'killed'}")
   assert resumed.returncode == 0, resumed.stderr
-  assert f"({32 - 4 * kept} made by this run" in resumed.stdout  # exactly the missing shards
+  assert f"({32 - 4 * kept} made by this run" in resumed.stdout  # exactly the missing chunks
   want, got = read_all(sample_dir_of(tmp_path / "straight")), read_all(sample_dir)
   np.testing.assert_array_equal(got[1], np.arange(32))  # no image missing or twice
   assert np.max(np.abs(got[0].astype(int) - want[0])) <= 1
   assert not [f for f in os.listdir(sample_dir) if f.endswith(".claim") or ".tmp" in f]
 
 
-def test_two_concurrent_samplers_make_each_shard_once(tmp_path):
+def test_two_concurrent_samplers_make_each_chunk_once(tmp_path):
   common = [*GMM, f"--workdir={tmp_path}", "--config.sampler.num_samples=64",
-            "--config.sampler.shard_size=4", "--config.sampler.batch_size=4"]
+            "--config.sampler.chunk_size=4", "--config.sampler.batch_size=4"]
   procs = [start_main(*common) for _ in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
@@ -199,7 +197,7 @@ def eval_setup(tmp_path):
 def test_eval_records_what_the_samples_were_made_with(tmp_path, monkeypatch):
   workdir = tmp_path / "run"
   evaluation = eval_setup(tmp_path)
-  common = [*GMM, f"--workdir={workdir}", "--config.sampler.shard_size=4",
+  common = [*GMM, f"--workdir={workdir}", "--config.sampler.chunk_size=4",
             "--config.sampler.num_steps=20", "--config.sampler.method=s-pndm"]
   result = run_main(*common, "--config.sampler.num_samples=8")
   assert result.returncode == 0, result.stderr
@@ -254,11 +252,12 @@ def test_training_resume_errors_lose_nothing_and_any_step_samples(tmp_path):
   result = run_main(*train)
   assert result.returncode == 0, result.stderr
   before = snapshot(tmp_path)
-  for args, names in [(["--config.model.ch=64"], ["does not fit", "conv_in", "(3, 3, 1, 32)"]),
-                      (["--config.training.num_train_steps=1"], ["at step 2", "num_train_steps=1"])]:
+  for args, names in [
+      (["--config.model.ch=64"], ["does not fit", "conv_in", "(3, 3, 1, 32)"]),
+      (["--config.training.num_train_steps=1"], ["at step 2", "num_train_steps=1"])]:
     result = run_main(*train, *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert len([l for l in result.stderr.splitlines() if l.startswith("error:")]) == 1
+    assert [line[:6] for line in result.stderr.splitlines()].count("error:") == 1
     assert "restore_fallback" not in result.stderr
     for name in names:
       assert name in result.stderr, result.stderr

@@ -11,16 +11,15 @@ import re
 import shutil
 import sys
 
+import diffusers
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import diffusers
 import torch
 from diffusers_models import DDPM_SETTINGS, diffusers_unet
 
-from pndm_jax import convert
+from pndm_jax import checkpoints, convert
 from pndm_jax.models import UNet, eps_fn
 
 D, AD, U, AU = "DownBlock2D", "AttnDownBlock2D", "UpBlock2D", "AttnUpBlock2D"
@@ -156,7 +155,10 @@ def test_ddim_checkpoints_convert_to_the_diffusers_params(saved, ddim_sd, tmp_pa
 
 
 def _ddim_oracle_shapes(ch, ch_mult, nrb, attn_levels, in_ch=3, out_ch=3) -> dict:
-  """Keys/shapes of the DDIM repository's Model, enumerated from its structure (METHODS §7)."""
+  """Keys/shapes of the DDIM repository's Model, enumerated from its structure.
+
+  The layout is docs/methods.md §8.
+  """
   shapes = {}
 
   def conv(name, cin, cout, k=3):
@@ -253,27 +255,27 @@ def test_truncated_files(saved, ddim_sd, tmp_path):
   ckpt = tmp_path / "model.ckpt"
   torch.save(_torch_sd(ddim_sd), ckpt)
   ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-  with pytest.raises(convert.ConversionError, match="cannot read the PyTorch checkpoint"):
+  with pytest.raises(checkpoints.CheckpointError, match="cannot read the PyTorch checkpoint"):
     convert.read_pytorch(str(ckpt), image_size=16)
   folder = _copy_folder(saved["cifar10"][1], tmp_path / "st")
   st = os.path.join(folder, "diffusion_pytorch_model.safetensors")
   with open(st, "r+b") as f:
     f.truncate(os.path.getsize(st) // 2)
-  with pytest.raises(convert.ConversionError, match="cannot read"):
+  with pytest.raises(checkpoints.CheckpointError, match="cannot read"):
     convert.read_pytorch(folder)
 
 
 def test_wrong_architecture(saved, ddim_sd, tmp_path):
   expected = CIFAR_TINY_UNET.clone(ch_mult=(1, 2, 2, 4))
-  with pytest.raises(convert.ConversionError, match=r"ch_mult: checkpoint \(1, 2, 2, 2\)"):
+  with pytest.raises(checkpoints.CheckpointError, match=r"ch_mult: checkpoint \(1, 2, 2, 2\)"):
     convert.read_pytorch(saved["cifar10"][1], expected=expected)
   torch.save(_torch_sd(ddim_sd), tmp_path / "m.ckpt")
-  with pytest.raises(convert.ConversionError, match="attn_resolutions"):
+  with pytest.raises(checkpoints.CheckpointError, match="attn_resolutions"):
     convert.read_pytorch(str(tmp_path / "m.ckpt"), expected=CIFAR_TINY_UNET.clone(
         attn_resolutions=(16,)))
-  with pytest.raises(convert.ConversionError, match="is for 16x16 images, not 32"):
+  with pytest.raises(checkpoints.CheckpointError, match="is for 16x16 images, not 32"):
     convert.read_pytorch(saved["cifar10"][1], image_size=32)
-  with pytest.raises(convert.ConversionError, match="pass image_size"):
+  with pytest.raises(checkpoints.CheckpointError, match="pass image_size"):
     convert.read_pytorch(str(tmp_path / "m.ckpt"))
   folder = _copy_folder(saved["cifar10"][1], tmp_path / "flip")
   cfg_path = os.path.join(folder, "config.json")
@@ -282,7 +284,7 @@ def test_wrong_architecture(saved, ddim_sd, tmp_path):
   cfg.update(flip_sin_to_cos=True, attention_head_dim=8)
   with open(cfg_path, "w") as f:
     json.dump(cfg, f)
-  with pytest.raises(convert.ConversionError, match="flip_sin_to_cos=True") as err:
+  with pytest.raises(checkpoints.CheckpointError, match="flip_sin_to_cos=True") as err:
     convert.read_pytorch(folder)
   assert "attention_head_dim=8" in str(err.value)
 
@@ -293,14 +295,14 @@ def test_missing_unexpected_and_misshaped_keys_are_listed(ddim_sd, tmp_path):
   sd["logvar"] = np.zeros(1000, np.float32)
   sd["mid.block_1.conv2.weight"] = np.zeros((64, 64, 1, 1), np.float32)
   torch.save(_torch_sd(sd), tmp_path / "bad.ckpt")
-  with pytest.raises(convert.ConversionError) as err:
+  with pytest.raises(checkpoints.CheckpointError) as err:
     convert.read_pytorch(str(tmp_path / "bad.ckpt"), image_size=16)
   msg = str(err.value)
   assert "missing keys (1):\n    up.1.attn.2.k.bias" in msg
   assert "unexpected keys (1):\n    logvar" in msg
   assert "mid.block_1.conv2.weight: (64, 64, 1, 1), expected (64, 64, 3, 3)" in msg
   torch.save({**_torch_sd(ddim_sd), "step": torch.tensor(3)}, tmp_path / "int.ckpt")
-  with pytest.raises(convert.ConversionError, match="not floating-point tensors"):
+  with pytest.raises(checkpoints.CheckpointError, match="not floating-point tensors"):
     convert.read_pytorch(str(tmp_path / "int.ckpt"), image_size=16)
 
 
@@ -308,12 +310,19 @@ def test_missing_torch_is_a_clear_error_and_safetensors_need_none(saved, ddim_sd
                                                                    monkeypatch):
   torch.save(_torch_sd(ddim_sd), tmp_path / "m.ckpt")
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
-  with pytest.raises(convert.ConversionError, match=r"pip install torch==2\.13\.0"):
+  with pytest.raises(checkpoints.CheckpointError, match=r"pip install torch==2\.13\.0"):
     convert.read_pytorch(str(tmp_path / "m.ckpt"), image_size=16)
   assert convert.read_pytorch(saved["cifar10"][1])[0] == CIFAR_TINY_UNET
 
 
 # ----------------------------------------------------------------------------- output
+
+
+def convert_to(src, dst, **kwargs):
+  """What --mode=convert does: read a PyTorch checkpoint, save it as a params directory."""
+  model, params = convert.read_pytorch(src, **kwargs)
+  checkpoints.save_params(dst, model, params)
+  return model
 
 
 def _snapshot(path) -> dict:
@@ -323,45 +332,45 @@ def _snapshot(path) -> dict:
 
 def test_convert_save_load_round_trip(saved, tmp_path):
   dst = str(tmp_path / "out" / "cifar_tiny")
-  model = convert.convert_checkpoint(saved["cifar10"][1], dst)
+  model = convert_to(saved["cifar10"][1], dst)
   _, want = convert.read_pytorch(saved["cifar10"][1])
-  loaded_model, loaded = convert.load_params(dst)
+  loaded_model, loaded = checkpoints.load_params(dst)
   assert loaded_model == model == CIFAR_TINY_UNET
   _assert_trees_equal(loaded, want)
-  assert convert.load_params(dst, dtype="bfloat16")[0].dtype == jnp.bfloat16
+  assert checkpoints.load_params(dst, dtype="bfloat16")[0].dtype == jnp.bfloat16
   expected = CIFAR_TINY_UNET.clone(dtype=jnp.bfloat16, dropout=0.1)
-  assert convert.load_checkpoint(dst, expected=expected)[0] is expected
-  with pytest.raises(convert.ConversionError, match="different architecture"):
-    convert.load_checkpoint(dst, expected=expected.clone(ch=64))
+  assert checkpoints.load_weights(dst, expected=expected)[0] is expected
+  with pytest.raises(checkpoints.CheckpointError, match="different architecture"):
+    checkpoints.load_weights(dst, expected=expected.clone(ch=64))
   # Converting again replaces the checkpoint.
-  convert.convert_checkpoint(saved["cifar10_bin"][1], dst)
-  _assert_trees_equal(convert.load_params(dst)[1], want)
+  convert_to(saved["cifar10_bin"][1], dst)
+  _assert_trees_equal(checkpoints.load_params(dst)[1], want)
 
 
 def test_failed_conversion_leaves_existing_output_untouched(saved, ddim_sd, tmp_path,
                                                             monkeypatch):
   dst = tmp_path / "ckpt"
-  convert.convert_checkpoint(saved["cifar10"][1], str(dst))
+  convert_to(saved["cifar10"][1], str(dst))
   before = _snapshot(dst)
   sd = dict(ddim_sd)
   del sd["conv_out.bias"]
   torch.save(_torch_sd(sd), tmp_path / "bad.ckpt")
-  with pytest.raises(convert.ConversionError, match="conv_out.bias"):
-    convert.convert_checkpoint(str(tmp_path / "bad.ckpt"), str(dst), image_size=16)
+  with pytest.raises(checkpoints.CheckpointError, match="conv_out.bias"):
+    convert_to(str(tmp_path / "bad.ckpt"), str(dst), image_size=16)
   # A failure while writing (after orbax saved the params) cleans up and keeps the old one.
   def fail(*args, **kwargs):
     raise OSError("disk full")
-  monkeypatch.setattr(convert.json, "dump", fail)
+  monkeypatch.setattr(checkpoints.json, "dump", fail)
   with pytest.raises(OSError, match="disk full"):
-    convert.convert_checkpoint(saved["cifar10_bin"][1], str(dst))
+    convert_to(saved["cifar10_bin"][1], str(dst))
   assert _snapshot(dst) == before
   assert sorted(os.listdir(tmp_path)) == ["bad.ckpt", "ckpt"]
   # Anything that is not a converted checkpoint is never replaced.
   (tmp_path / "mine").mkdir()
   (tmp_path / "mine" / "notes.txt").write_text("keep")
   monkeypatch.undo()
-  with pytest.raises(convert.ConversionError, match="refusing to replace"):
-    convert.convert_checkpoint(saved["cifar10"][1], str(tmp_path / "mine"))
+  with pytest.raises(checkpoints.CheckpointError, match="refusing to replace"):
+    convert_to(saved["cifar10"][1], str(tmp_path / "mine"))
   assert (tmp_path / "mine" / "notes.txt").read_text() == "keep"
 
 
@@ -385,11 +394,11 @@ def test_list_checkpoint_reads_the_ema_entry_by_default(saved, ddim_sd, tmp_path
   _assert_trees_equal(convert.read_pytorch(ckpt, image_size=16, list_entry=0,
                                            report=lines.append)[1], raw)
   assert lines[1] == f"read entry 0 of 5 of {ckpt}"
-  with pytest.raises(convert.ConversionError, match=r"\(entry 1\): entries that are not"):
+  with pytest.raises(checkpoints.CheckpointError, match=r"\(entry 1\): entries that are not"):
     convert.read_pytorch(ckpt, image_size=16, list_entry=1)
   # The default everywhere, --mode=convert's route included, is the EMA entry.
-  convert.convert_checkpoint(ckpt, str(tmp_path / "out"), image_size=16)
-  _assert_trees_equal(convert.load_params(str(tmp_path / "out"))[1], ema)
+  convert_to(ckpt, str(tmp_path / "out"), image_size=16)
+  _assert_trees_equal(checkpoints.load_params(str(tmp_path / "out"))[1], ema)
   # A plain state_dict ignores list_entry.
   torch.save(_torch_sd(ddim_sd), tmp_path / "plain.ckpt")
   _assert_trees_equal(convert.read_pytorch(str(tmp_path / "plain.ckpt"), image_size=16,
@@ -400,14 +409,14 @@ def test_list_checkpoint_reads_the_ema_entry_by_default(saved, ddim_sd, tmp_path
 def test_list_checkpoint_without_an_ema_entry_is_an_error(ddim_sd, tmp_path):
   ckpt = str(tmp_path / "no_ema.ckpt")
   torch.save([_torch_sd(ddim_sd), {"state": {}, "param_groups": []}, 3, 1000], ckpt)
-  with pytest.raises(convert.ConversionError, match="no EMA entry") as err:
+  with pytest.raises(checkpoints.CheckpointError, match="no EMA entry") as err:
     convert.read_pytorch(ckpt, image_size=16)
   msg = str(err.value)
   assert ckpt in msg
   assert f"entries: state_dict ({len(ddim_sd)} keys), optimizer state, int, int" in msg
   assert "--config.sampler.checkpoint_list_entry=0" in msg
   assert convert.read_pytorch(ckpt, image_size=16, list_entry=0)[0].ch == 32
-  with pytest.raises(convert.ConversionError, match="list of 4 entries .*; no entry 4"):
+  with pytest.raises(checkpoints.CheckpointError, match="list of 4 entries .*; no entry 4"):
     convert.read_pytorch(ckpt, image_size=16, list_entry=4)
 
 
@@ -417,7 +426,7 @@ def test_list_checkpoint_without_an_ema_entry_is_an_error(ddim_sd, tmp_path):
 @pytest.fixture(scope="module")
 def params_dir(saved, tmp_path_factory):
   dst = str(tmp_path_factory.mktemp("params") / "cifar_tiny")
-  convert.convert_checkpoint(saved["cifar10"][1], dst)
+  convert_to(saved["cifar10"][1], dst)
   return dst
 
 
@@ -434,14 +443,14 @@ def test_truncated_or_missing_params_files_are_named(params_dir, tmp_path):
   big = _data_files(damaged)[0]
   with open(big, "r+b") as f:
     f.truncate(os.path.getsize(big) // 2)
-  with pytest.raises(convert.ConversionError, match="is truncated or corrupt") as err:
-    convert.load_params(damaged)
+  with pytest.raises(checkpoints.CheckpointError, match="is truncated or corrupt") as err:
+    checkpoints.load_params(damaged)
   msg = str(err.value)
   assert damaged in msg and os.path.relpath(big, damaged) in msg and "--mode=convert" in msg
   os.remove(big)
-  with pytest.raises(convert.ConversionError, match=re.escape(
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(
       f"{os.path.relpath(big, damaged)}: missing")):
-    convert.load_checkpoint(damaged)
+    checkpoints.load_weights(damaged)
 
 
 def test_corrupt_params_that_orbax_cannot_restore(params_dir, tmp_path):
@@ -449,8 +458,8 @@ def test_corrupt_params_that_orbax_cannot_restore(params_dir, tmp_path):
   metadata = os.path.join(damaged, "params", "_METADATA")
   with open(metadata, "r+b") as f:  # same size, so only orbax can tell
     f.write(b"\0" * os.path.getsize(metadata))
-  with pytest.raises(convert.ConversionError, match="cannot be restored") as err:
-    convert.load_params(damaged)
+  with pytest.raises(checkpoints.CheckpointError, match="cannot be restored") as err:
+    checkpoints.load_params(damaged)
   assert damaged in str(err.value) and "--mode=convert" in str(err.value)
 
 
@@ -462,7 +471,7 @@ def test_checkpoints_without_recorded_file_sizes_still_load(params_dir, tmp_path
   del meta["files"]
   with open(os.path.join(old, "model.json"), "w") as f:
     json.dump(meta, f)
-  _assert_trees_equal(convert.load_params(old)[1], convert.load_params(params_dir)[1])
+  _assert_trees_equal(checkpoints.load_params(old)[1], checkpoints.load_params(params_dir)[1])
 
 
 @pytest.mark.parametrize("edit,match", [
@@ -481,8 +490,8 @@ def test_model_json_with_wrong_or_missing_fields(params_dir, tmp_path, edit, mat
   edit(meta)
   with open(file, "w") as f:
     json.dump(meta, f)
-  with pytest.raises(convert.ConversionError, match=match) as err:
-    convert.load_params(bad)
+  with pytest.raises(checkpoints.CheckpointError, match=match) as err:
+    checkpoints.load_params(bad)
   assert str(err.value).startswith(f"{file} is corrupt")
 
 
@@ -491,6 +500,6 @@ def test_truncated_model_json(params_dir, tmp_path):
   file = os.path.join(bad, "model.json")
   with open(file, "r+b") as f:
     f.truncate(os.path.getsize(file) // 2)
-  with pytest.raises(convert.ConversionError, match="truncated or corrupt") as err:
-    convert.load_params(bad)
+  with pytest.raises(checkpoints.CheckpointError, match="truncated or corrupt") as err:
+    checkpoints.load_params(bad)
   assert file in str(err.value)

@@ -7,7 +7,6 @@ import json
 import jax
 import numpy as np
 import pytest
-
 from fid_weights import random_jax_fid_pickle
 
 from pndm_jax import input_pipeline
@@ -189,7 +188,7 @@ def test_evaluate_sample_dir_end_to_end(tmp_path, monkeypatch):
   with open(out_json) as f:
     assert json.load(f) == record
   assert record["fid"] == 12.5 and record["metric"] == "fid"
-  assert record["num_images"] == 5 and record["num_shards"] == 2
+  assert record["num_images"] == 5 and record["num_chunks"] == 2
   assert record["num_requested"] == 5 and not record["subset"]
   assert record["weights_sha256"] == fid.file_sha256(weights)
   assert record["stats_sha256"] == fid.file_sha256(stats_file)

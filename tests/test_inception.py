@@ -223,7 +223,7 @@ def test_flax_pickle_layout_matches_state_dict(state_dict):
     node = tree
     for part in name.split("."):
       node = node.setdefault(part, {})
-    w = lambda suffix: state_dict[f"{name}.{suffix}"].numpy()
+    w = lambda suffix, name=name: state_dict[f"{name}.{suffix}"].numpy()
     node["conv"] = {"kernel": w("conv.weight").transpose(2, 3, 1, 0),
                     "bias": np.zeros(w("conv.weight").shape[0], np.float32)}
     node["bn"] = {"scale": w("bn.weight"), "bias": w("bn.bias"),

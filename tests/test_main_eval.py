@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-
 from fid_weights import random_jax_fid_pickle
 
 from pndm_jax.evaluation import fid, inception
@@ -47,7 +46,7 @@ def test_stats_then_sample_then_eval(tmp_path):
 
 
 def test_fid_eval_with_random_inception_weights(tmp_path):
-  samples = tmp_path / "external"  # shards made elsewhere: no sampling.json, settings unknown
+  samples = tmp_path / "external"  # chunks made elsewhere: no sampling.json, settings unknown
   samples.mkdir(parents=True)
   rng = np.random.default_rng(0)
   for k in range(2):
@@ -63,7 +62,7 @@ def test_fid_eval_with_random_inception_weights(tmp_path):
                     f"--config.sampler.sample_dir={samples}", "--config.sampler.num_samples=6")
   assert result.returncode == 0, result.stderr
   record = json.load(open(tmp_path / "run" / "fid.json"))
-  assert record["num_images"] == 6 and record["num_shards"] == 2
+  assert record["num_images"] == 6 and record["num_chunks"] == 2
   assert record["sampler_settings"] is None and record["nfe_per_image"] is None
   assert np.isfinite(record["fid"]) and record["fid"] > 0
   assert record["weights_sha256"] == fid.file_sha256(str(weights))

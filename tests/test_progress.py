@@ -6,7 +6,8 @@ import jax
 import numpy as np
 
 from configs import gmm_pndm
-from pndm_jax import eps_models, progress, sampling, sharding
+from pndm_jax import eps_models, generation, progress, sharding
+from pndm_jax.sampler_spec import from_config as spec_of
 
 
 class Terminal(io.StringIO):
@@ -34,11 +35,11 @@ def test_silent_when_not_a_terminal():
 def test_sampling_advances_the_bar_per_batch():
   config = gmm_pndm.get_config()
   config.sampler.update(num_steps=5)
-  model = eps_models.load(config, "")
+  model = eps_models.load(config, spec_of(config), "")
   mesh = sharding.batch_mesh(jax.devices()[:1])
   terminal = Terminal()
   with progress.Progress(10, "sample", "img", stream=terminal, min_interval=0) as bar:
-    images, _ = sampling.sample_images(sampling.make_generate_fn(model, config, mesh),
+    images, _ = generation.sample_images(generation.make_generate_fn(model, spec_of(config), mesh),
                                        model.params, np.arange(10), mesh, 4, bar)
   assert images.shape == (10, 8, 8, 1)
   drawn = [line.split(",")[0] for line in terminal.getvalue().split("\r\033[K") if line]

@@ -10,6 +10,8 @@ import pytest
 from pndm_jax import analytic, samplers, schedules
 from pndm_jax.samplers import gradients
 
+LINEAR = schedules.Schedule("linear")
+
 # --- an independent float64 numpy re-implementation of the reference loops ('paper') ---
 
 
@@ -62,7 +64,7 @@ def ref_sample(method, x, a_table, num_steps):
       x = ref_transfer(x, t, t_next, e, a_table)
     elif method == "fon":
       h = t - t_next
-      delta = lambda x_eval, s: ref_transfer(x, t, t - 1, eps(x_eval, s), a_table) - x
+      delta = lambda x_eval, s, x=x, t=t: ref_transfer(x, t, t - 1, eps(x_eval, s), a_table) - x
       if len(history) > 2:
         history.append(delta(x, t))
         d = plms(history)
@@ -82,18 +84,20 @@ def ref_sample(method, x, a_table, num_steps):
 @pytest.mark.parametrize("method", ["ddim", "s-pndm", "f-pndm", "fon"])
 @pytest.mark.parametrize("num_steps", [7, 30, 50, 100])
 def test_parity_with_reference_loops(x64, schedule_name, method, num_steps):
-  sched = schedules.make_schedule(schedule_name)
+  sched = schedules.Schedule(schedule_name)
   x_T = np.random.default_rng(num_steps).standard_normal((3, 5))
   expected = ref_sample(method, x_T, sched.alphas_cumprod, num_steps)
-  got, _ = samplers.sample(lambda x, t: toy_eps(jnp, x, t), jnp.asarray(x_T), sched,
-                           method=method, num_steps=num_steps, index="paper")
+  d = schedules.Discretization(sched, num_steps, convention="paper")
+  got = samplers.sample_deterministic(lambda x, t: toy_eps(jnp, x, t), jnp.asarray(x_T),
+                                      samplers.get_method(method), d)
   assert got.dtype == jnp.float64
   assert np.max(np.abs(np.asarray(got) - expected)) <= 1e-10 * np.max(np.abs(expected))
 
 
 def test_parity_grid_has_fractional_midpoints():
-  t, t_next = schedules.timesteps(1000, 30, "uniform", "paper")
-  assert np.any((t + t_next) % 2 == 1)  # skip 33 is odd: RK midpoints are x.5
+  d = schedules.Discretization(LINEAR, 30, spacing="uniform", convention="paper")
+  assert np.any((d.t + d.t_next) % 2 == 1)  # skip 33 is odd: RK midpoints are x.5
+  assert np.array_equal(d.times(0.5), (d.t + d.t_next) / 2)
 
 
 # --- convergence against the closed-form Gaussian solution ('consistent') ---
@@ -101,14 +105,14 @@ def test_parity_grid_has_fractional_midpoints():
 
 def gaussian_errors(method, steps_list, schedule_name="linear"):
   gauss = analytic.gaussian(dim=8)
-  sched = schedules.make_schedule(schedule_name)
+  sched = schedules.Schedule(schedule_name)
   x_T = jax.random.normal(jax.random.key(0), (64, 8), jnp.float64)
   eps_fn = gauss.eps_fn(sched, "consistent")
   errors = []
   for s in steps_list:
-    a_start, a_end = analytic.ode_endpoints(sched, s, "uniform", "consistent")
-    x0, _ = samplers.sample(eps_fn, x_T, sched, method=method, num_steps=s,
-                            index="consistent")
+    d = schedules.Discretization(sched, s, spacing="uniform", convention="consistent")
+    a_start, a_end = analytic.ode_endpoints(d)
+    x0 = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method(method), d)
     exact = gauss.exact_solution(x_T, a_start, a_end)
     errors.append(float(jnp.median(jnp.linalg.norm(x0 - exact, axis=-1))))
   return np.array(errors)
@@ -170,10 +174,11 @@ def test_reference_solution_matches_closed_form(x64):
 # --- NFE ---
 
 
+# ("ddim", 6, 7): S = 6 has skip 166, so 7 grid steps
 NFE_CASES = [("ddim", 10, 10), ("s-pndm", 10, 11), ("f-pndm", 10, 19), ("fon", 10, 19),
              ("f-pndm", 30, 40), ("ddpm", 10, 10), ("classical-heun", 5, 10),
              ("pseudo-rk4", 5, 20), ("pseudo-lms3-heun", 8, 10), ("pseudo-lms4-ramp", 8, 8),
-             ("pseudo-lms2-euler", 8, 8), ("pseudo-vlms4-rk4", 10, 19), ("ddim", 6, 7)]  # S=6: skip 166, 7 steps
+             ("pseudo-lms2-euler", 8, 8), ("pseudo-vlms4-rk4", 10, 19), ("ddim", 6, 7)]
 
 
 @pytest.mark.parametrize("method, num_steps, expected", NFE_CASES)
@@ -184,22 +189,23 @@ def test_nfe_counts_actual_calls(method, num_steps, expected):
     calls.append(t)
     return 0.1 * x
 
-  sched = schedules.make_schedule("linear")
-  assert samplers.nfe(method, num_steps) == expected
+  method, d = samplers.get_method(method), schedules.Discretization(LINEAR, num_steps)
+  assert method.num_evals(d) == expected
   with jax.disable_jit():  # an eager run: scan executes its body once per step
-    _, info = samplers.sample(counting_eps, jnp.ones((2, 3)), sched, method=method,
-                              num_steps=num_steps, rng=jax.random.key(0))
-  assert info["nfe"] == len(calls) == expected
+    _, nfe = samplers.run_sampler(counting_eps, jnp.ones((2, 3)), method, d,
+                                  rng=jax.random.key(0))
+  assert nfe == len(calls) == expected
 
 
 def test_nfe_matches_paper_presets():
-  assert samplers.nfe("f-pndm", 50) == 59
-  assert samplers.nfe("s-pndm", 50) == 51
-  assert samplers.nfe("ddim", 50) == 50
-  assert samplers.nfe("pf", 50) is None
+  d = schedules.Discretization(LINEAR, 50)
+  assert samplers.get_method("f-pndm").num_evals(d) == 59
+  assert samplers.get_method("s-pndm").num_evals(d) == 51
+  assert samplers.get_method("ddim").num_evals(d) == 50
+  assert samplers.get_method("pf").num_evals(d) is None
 
 
-def count_executions(method, x_T, sched, **kwargs):
+def count_executions(method, x_T, discretization):
   """Runs the jitted sampler with a host callback in eps_fn; returns (nfe, calls made)."""
   calls = []
 
@@ -207,15 +213,15 @@ def count_executions(method, x_T, sched, **kwargs):
     jax.debug.callback(lambda: calls.append(1))
     return 0.5 * x
 
-  run = jax.jit(lambda x: samplers.sample(eps_fn, x, sched, method=method, **kwargs)[1])
-  info = jax.block_until_ready(run(x_T))
-  return int(info["nfe"]), len(calls)
+  run = jax.jit(lambda x: samplers.run_sampler(eps_fn, x, method, discretization)[1])
+  nfe = jax.block_until_ready(run(x_T))
+  return int(nfe), len(calls)
 
 
 @pytest.mark.parametrize("method", ["f-pndm", "pf"])
 def test_jitted_nfe_counts_executions(method):
-  reported, made = count_executions(method, jnp.ones((2, 4)), schedules.make_schedule("linear"),
-                                    num_steps=20)
+  reported, made = count_executions(samplers.get_method(method), jnp.ones((2, 4)),
+                                    schedules.Discretization(LINEAR, 20))
   assert reported == made > 0
 
 
@@ -223,24 +229,24 @@ def test_jitted_nfe_counts_executions(method):
 
 
 def test_jit_with_static_arguments_and_dtypes():
-  sched = schedules.make_schedule("cosine")
+  sched = schedules.Schedule("cosine")
   eps_fn = analytic.gaussian(4).eps_fn(sched, "paper")
-  run = jax.jit(samplers.sample, static_argnames=("eps_fn", "schedule", "method",
-                                                  "num_steps", "index", "grid"))
+  run = jax.jit(samplers.run_sampler, static_argnames=("eps_fn", "method", "discretization"))
+  method, d = samplers.get_method("f-pndm"), schedules.Discretization(sched, 20)
   for dtype in (jnp.float32, jnp.bfloat16):
     x_T = jax.random.normal(jax.random.key(0), (4, 4), dtype)
-    x0, info = run(eps_fn, x_T, sched, method="f-pndm", num_steps=20)
-    eager, _ = samplers.sample(eps_fn, x_T, sched, method="f-pndm", num_steps=20)
-    assert x0.dtype == dtype and info["nfe"] == 29
+    x0, nfe = run(eps_fn, x_T, method, d)
+    eager, _ = samplers.run_sampler(eps_fn, x_T, method, d)
+    assert x0.dtype == dtype and nfe == 29
     assert np.allclose(np.asarray(x0, np.float32), np.asarray(eager, np.float32), atol=1e-2)
 
 
 def test_compiled_program_does_not_grow_with_steps():
-  sched = schedules.make_schedule("linear")
   eps_fn = lambda x, t: jnp.tanh(x) * t[:, None] / 1000
 
   def model_calls_in_program(num_steps):
-    fn = lambda x: samplers.sample(eps_fn, x, sched, method="f-pndm", num_steps=num_steps)[0]
+    d = schedules.Discretization(LINEAR, num_steps)
+    fn = lambda x: samplers.sample_deterministic(eps_fn, x, samplers.get_method("f-pndm"), d)
     return jax.jit(fn).lower(jnp.ones((2, 3))).as_text().count("tanh")
 
   assert model_calls_in_program(200) == model_calls_in_program(20) == 4 + 1  # RK4 + PLMS
@@ -248,10 +254,10 @@ def test_compiled_program_does_not_grow_with_steps():
 
 def test_eps_fn_sees_batch_timesteps_with_fractional_midpoints():
   seen = []
-  sched = schedules.make_schedule("linear")
   with jax.disable_jit():
-    samplers.sample(lambda x, t: seen.append(np.asarray(t)) or 0 * x, jnp.ones((3, 2)),
-                    sched, method="f-pndm", num_steps=30)
+    samplers.sample_deterministic(lambda x, t: seen.append(np.asarray(t)) or 0 * x,
+                                  jnp.ones((3, 2)), samplers.get_method("f-pndm"),
+                                  schedules.Discretization(LINEAR, 30))
   assert all(t.shape == (3,) for t in seen)
   assert [float(t[0]) for t in seen[:4]] == [990.0, 973.5, 973.5, 957.0]
 
@@ -260,34 +266,34 @@ def test_eps_fn_sees_batch_timesteps_with_fractional_midpoints():
 
 
 def test_stochastic_methods_are_reproducible_from_the_key():
-  sched = schedules.make_schedule("linear")
-  eps_fn = analytic.gaussian(4).eps_fn(sched, "paper")
+  eps_fn = analytic.gaussian(4).eps_fn(LINEAR, "paper")
   x_T = jnp.ones((3, 4))
-  for method, eta in [("ddpm", 0.0), ("ddim", 0.5)]:
-    run = lambda key: samplers.sample(eps_fn, x_T, sched, method=method, num_steps=20,
-                                      rng=key, eta=eta)[0]
-    a, b, c = run(jax.random.key(7)), run(jax.random.key(7)), run(jax.random.key(8))
+  d = schedules.Discretization(LINEAR, 20)
+  for method in [samplers.get_method("ddpm"), samplers.get_method("ddim", eta=0.5)]:
+    a, b, c = (samplers.sample_ancestral(eps_fn, x_T, method, d, jax.random.key(seed))
+               for seed in (7, 7, 8))
     assert np.array_equal(a, b) and not np.allclose(a, c)
 
 
 def test_per_image_keys_make_noise_independent_of_the_batch():
-  sched = schedules.make_schedule("linear")
-  eps_fn = analytic.gaussian(4).eps_fn(sched, "paper")
+  eps_fn = analytic.gaussian(4).eps_fn(LINEAR, "paper")
   keys = jax.random.split(jax.random.key(0), 6)
   x_T = jax.random.normal(jax.random.key(1), (6, 4))
-  run = lambda x, k: samplers.sample(eps_fn, x, sched, method="ddpm", num_steps=10, rng=k)[0]
+  d = schedules.Discretization(LINEAR, 10)
+  run = lambda x, k: samplers.sample_ancestral(eps_fn, x, samplers.get_method("ddpm"), d, k)
   full = run(x_T, keys)
   assert np.allclose(run(x_T[2:5], keys[2:5]), full[2:5], atol=1e-6)
 
 
 def test_ddpm_1000_steps_matches_data_moments(x64):
   gauss = analytic.gaussian(dim=8)
-  sched = schedules.make_schedule("linear")
   n = 4000
   x_T = jax.random.normal(jax.random.key(0), (n, 8), jnp.float64)
-  x0, info = samplers.sample(gauss.eps_fn(sched, "consistent"), x_T, sched, method="ddpm",
-                             num_steps=1000, index="consistent", rng=jax.random.key(1))
-  assert info["nfe"] == 1000
+  x0, nfe = samplers.run_sampler(gauss.eps_fn(LINEAR, "consistent"), x_T,
+                                 samplers.get_method("ddpm"),
+                                 schedules.Discretization(LINEAR, 1000, convention="consistent"),
+                                 rng=jax.random.key(1))
+  assert nfe == 1000
   mean_z = (np.mean(x0, 0) - gauss.means[0]) / (gauss.stds[0] / math.sqrt(n))
   var = gauss.stds[0] ** 2
   var_z = (np.var(x0, 0) - var) / (var * math.sqrt(2 / n))
@@ -295,12 +301,12 @@ def test_ddpm_1000_steps_matches_data_moments(x64):
 
 
 def test_ddim_eta_zero_equals_deterministic_ddim(x64):
-  sched = schedules.make_schedule("linear")
-  eps_fn = analytic.gaussian(4).eps_fn(sched, "consistent")
+  eps_fn = analytic.gaussian(4).eps_fn(LINEAR, "consistent")
   x_T = jax.random.normal(jax.random.key(0), (5, 4), jnp.float64)
-  det, _ = samplers.sample(eps_fn, x_T, sched, method="ddim", num_steps=25, index="consistent")
-  sto, _ = samplers.sample(eps_fn, x_T, sched, method=samplers.Ancestral(eta=0.0),
-                           num_steps=25, index="consistent", rng=jax.random.key(0))
+  d = schedules.Discretization(LINEAR, 25, convention="consistent")
+  det = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method("ddim"), d)
+  sto = samplers.sample_ancestral(eps_fn, x_T, samplers.Ancestral(samplers.FixedSmall(eta=0.0)),
+                                  d, jax.random.key(0))
   assert np.allclose(det, sto, rtol=1e-10, atol=1e-12)
 
 
@@ -312,31 +318,54 @@ def test_ddim_eta_zero_equals_deterministic_ddim(x64):
     (dict(method="pseudo-rk5"), "euler, heun, rk4, lms2, lms3, lms4"),
     (dict(method="pseudo-lms3"), "needs a warmup"),
     (dict(method="classical-vlms4-rk4"), "integrates in sigma"),
-    (dict(method="f-pndm", index="shifted"), "paper, consistent"),
-    (dict(method="f-pndm", grid="log"), "uniform, linspace"),
+    (dict(method="f-pndm", convention="shifted"), "paper, consistent"),
+    (dict(method="f-pndm", spacing="log"), "uniform, linspace"),
     (dict(method="ddim", num_steps=0), "num_steps must be in"),
     (dict(method="ddim", num_steps=1001), "num_steps must be in"),
     (dict(method="ddim", num_steps=1000), "A\\[1000\\]"),
-    (dict(method="f-pndm", num_steps=3), "at least 4 steps"),
+    (dict(method="f-pndm", num_steps=3, convention="consistent"), "at least 4 steps"),
     (dict(method="fon", num_steps=2), "at least 4 steps"),
     (dict(method="ddpm", num_steps=10), "stochastic"),
     (dict(method="f-pndm", eta=0.5), "applies to method 'ddim' only"),
 ])
 def test_bad_input_raises_clear_errors(kwargs, match):
-  sched = schedules.make_schedule("linear")
   kwargs = {"num_steps": 10, **kwargs}
+  name, eta = kwargs.pop("method"), kwargs.pop("eta", 0.0)
   with pytest.raises(ValueError, match=match):
-    samplers.sample(lambda x, t: x, jnp.ones((1, 2)), sched, **kwargs)
+    method = samplers.get_method(name, eta)
+    samplers.run_sampler(lambda x, t: x, jnp.ones((1, 2)), method,
+                         schedules.Discretization(LINEAR, **kwargs))
 
 
-def test_nfe_rejects_what_sample_rejects():
+def test_num_evals_rejects_what_sampling_rejects():
   with pytest.raises(ValueError, match="at least 4 steps"):
-    samplers.nfe("f-pndm", 3)
+    samplers.get_method("f-pndm").num_evals(
+        schedules.Discretization(LINEAR, 3, convention="consistent"))
   with pytest.raises(ValueError, match="valid choices"):
-    samplers.nfe("pndm", 50)
+    samplers.get_method("pndm")
 
 
 def test_pf_needs_the_linear_schedule():
   with pytest.raises(ValueError, match="'linear' schedule"):
-    samplers.sample(lambda x, t: x, jnp.ones((1, 2)), schedules.make_schedule("cosine"),
-                    method="pf")
+    samplers.sample_probability_flow(lambda x, t: x, jnp.ones((1, 2)), samplers.get_method("pf"),
+                                     schedules.Schedule("cosine"))
+
+
+# --- method values ---
+
+
+def test_names_parse_to_hashable_values():
+  assert samplers.get_method("PSEUDO-LMS4-RK4") == samplers.get_method("f-pndm")
+  assert samplers.get_method("f-pndm") == samplers.Deterministic(
+      samplers.PSEUDO, samplers.LinearMultistep(4), samplers.RK4)
+  assert samplers.get_method("ddim", eta=0.5) == samplers.Ancestral(samplers.FixedSmall(0.5))
+  assert samplers.RK4.c == (0, 1 / 2, 1 / 2, 1) and samplers.HEUN.c == (0, 1)
+  assert samplers.get_method("pseudo-vlms3-ramp").gradient.variable_step
+  for name in [*samplers.PRESETS, "classical-rk4", "pseudo-vlms4-ramp"]:
+    hash(samplers.get_method(name))
+  assert hash(schedules.Discretization(LINEAR, 50)) == hash(schedules.Discretization(LINEAR, 50))
+
+
+def test_method_values_reject_names():
+  with pytest.raises(TypeError, match="get_method parses names"):
+    samplers.Deterministic("pseudo", "lms4", warmup="ramp")

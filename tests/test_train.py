@@ -20,8 +20,9 @@ import tensorflow_datasets as tfds
 from sklearn import datasets
 
 from configs import default, digits_train, gmm_pndm
-from pndm_jax import convert, eps_models, progress, schedules, sharding, train
+from pndm_jax import checkpoints, eps_models, progress, schedules, sharding, train
 from pndm_jax.models import unet_from_config
+from pndm_jax.sampler_spec import from_config as spec_of
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,11 +61,12 @@ def build(config, mesh, with_state=True):
   """(initial state or None, train_fn) exactly as train_and_evaluate builds them."""
   model = unet_from_config(config.model, config.data.image_size, config.data.num_channels)
   tx = train.make_optimizer(config.training)
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
+  schedule = schedules.Schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   state = (train.create_train_state(model, tx, init_key, config.data.image_size,
                                     config.data.num_channels, mesh) if with_state else None)
-  return state, train.make_train_fn(model, tx, schedule, config, mesh, train_key)
+  return state, train.make_train_fn(model, tx, schedule, train.step_settings(config), mesh,
+                                    train_key)
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +96,7 @@ def test_digits_config_builds():
 
 def test_learning_rate_warms_up_linearly():
   training = tiny_config().training
-  lr = train.learning_rate_schedule(training)
+  lr = train.learning_rate_schedule(training.lr, training.warmup_steps)
   np.testing.assert_allclose([lr(n) for n in range(5)], [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3],
                              rtol=1e-6)
 
@@ -163,7 +165,7 @@ def test_resume_is_exact(tmp_path, digits_npz, monkeypatch):
   drawn = terminal.getvalue()  # the progress line counts on from the restored step
   assert drawn.startswith("\r\033[Ktrain: 2/4 step (50%)") and "train: 4/4 step (100%)" in drawn
   jax.tree.map(np.testing.assert_array_equal, jax.device_get(resumed), jax.device_get(straight))
-  ema = train.load_ema_params(str(tmp_path / "resumed"))
+  ema = checkpoints.load_ema_params(str(tmp_path / "resumed"))
   jax.tree.map(np.testing.assert_array_equal, ema, jax.device_get(straight.ema_params))
 
 
@@ -181,7 +183,7 @@ def test_mock_tfds_training_end_to_end(tmp_path, dataset):
     assert tags.get(tag) == 1, tags
   if dataset == "cifar10":
     from PIL import Image  # pylint: disable=g-import-not-at-top
-    with Image.open(tmp_path / "samples" / "00000001.png") as grid:
+    with Image.open(tmp_path / "train_grids" / "00000001.png") as grid:
       assert grid.size == (3 * 10 + 2, 3 * 10 + 2)  # 8 images, 3 per row, 2px gaps
     assert tags.get("samples") == 1
 
@@ -212,9 +214,9 @@ def small_state(value):
 
 
 def saved_run(directory, steps=(1, 2)):
-  with train.checkpoint_manager(directory) as manager:
+  with checkpoints.checkpoint_manager(directory) as manager:
     for step in steps:
-      train.save_checkpoint(manager, small_state(step), step)
+      checkpoints.save_training(manager, small_state(step), step)
     manager.wait_until_finished()
 
 
@@ -231,13 +233,14 @@ def test_unreadable_latest_checkpoint_errors_or_falls_back(tmp_path):
   saved_run(directory)
   corrupt(directory, 2)
   os.mkdir(os.path.join(directory, "2.corrupt"))  # an earlier casualty: never overwritten
-  with train.checkpoint_manager(directory) as manager:
-    with pytest.raises(train.CheckpointError, match="(?s)" + re.escape(os.path.join(directory, "2"))
+  with checkpoints.checkpoint_manager(directory) as manager:
+    with pytest.raises(checkpoints.CheckpointError,
+                       match="(?s)" + re.escape(os.path.join(directory, "2"))
                        + ".*restore_fallback=True to resume from .* step 1"):
-      train.restore_checkpoint(manager, small_state(0))
+      checkpoints.restore_training(manager, small_state(0))
   assert sorted(os.listdir(directory)) == ["1", "2", "2.corrupt"]
-  with train.checkpoint_manager(directory) as manager:
-    restored = train.restore_checkpoint(manager, small_state(0), fallback=True)
+  with checkpoints.checkpoint_manager(directory) as manager:
+    restored = checkpoints.restore_training(manager, small_state(0), fallback=True)
     assert manager.latest_step() == 1
   assert int(restored.step) == 1
   np.testing.assert_array_equal(restored.ema_params["w"], [10.0] * 3)
@@ -248,7 +251,7 @@ def test_unreadable_latest_checkpoint_errors_or_falls_back(tmp_path):
 def test_unreadable_arrays_under_readable_metadata_fall_back(tmp_path, monkeypatch):
   directory = str(tmp_path / "checkpoints")
   saved_run(directory)
-  with train.checkpoint_manager(directory) as manager:
+  with checkpoints.checkpoint_manager(directory) as manager:
     real_restore = manager.restore
 
     def restore(step, *args, **kwargs):
@@ -257,9 +260,9 @@ def test_unreadable_arrays_under_readable_metadata_fall_back(tmp_path, monkeypat
       return real_restore(step, *args, **kwargs)
 
     monkeypatch.setattr(manager, "restore", restore)
-    with pytest.raises(train.CheckpointError, match="truncated chunk.*restore_fallback"):
-      train.restore_checkpoint(manager, small_state(0))
-    assert int(train.restore_checkpoint(manager, small_state(0), fallback=True).step) == 1
+    with pytest.raises(checkpoints.CheckpointError, match="truncated chunk.*restore_fallback"):
+      checkpoints.restore_training(manager, small_state(0))
+    assert int(checkpoints.restore_training(manager, small_state(0), fallback=True).step) == 1
   assert sorted(os.listdir(directory)) == ["1", "2.corrupt"]
 
 
@@ -268,18 +271,19 @@ def test_fallback_goes_one_step_back_and_moves_nothing_it_cannot_replace(tmp_pat
   saved_run(directory, steps=(1, 2, 3))
   corrupt(directory, 3)
   corrupt(directory, 2)
-  with train.checkpoint_manager(directory) as manager:
-    with pytest.raises(train.CheckpointError, match="(?s)both unreadable; nothing was moved: .*"
+  with checkpoints.checkpoint_manager(directory) as manager:
+    with pytest.raises(checkpoints.CheckpointError,
+                       match="(?s)both unreadable; nothing was moved: .*"
                        + re.escape(os.path.join(directory, "3")) + ".*"
                        + re.escape(os.path.join(directory, "2"))):
-      train.restore_checkpoint(manager, small_state(0), fallback=True)
+      checkpoints.restore_training(manager, small_state(0), fallback=True)
   assert sorted(os.listdir(directory)) == ["1", "2", "3"]
   only = str(tmp_path / "only")
   saved_run(only, steps=(1,))
   corrupt(only, 1)
-  with train.checkpoint_manager(only) as manager:
-    with pytest.raises(train.CheckpointError, match="no earlier checkpoint exists") as info:
-      train.restore_checkpoint(manager, small_state(0), fallback=True)
+  with checkpoints.checkpoint_manager(only) as manager:
+    with pytest.raises(checkpoints.CheckpointError, match="no earlier checkpoint exists") as info:
+      checkpoints.restore_training(manager, small_state(0), fallback=True)
   assert "restore_fallback" not in str(info.value) and os.listdir(only) == ["1"]
 
 
@@ -291,9 +295,9 @@ def test_another_config_is_a_mismatch_not_corruption(tmp_path):
       params={"w": jnp.zeros((4,)), **{f"x{i:02d}": jnp.zeros(()) for i in range(24)}},
       ema_params={"w": jnp.zeros((3,), jnp.bfloat16)}, opt_state=(state.opt_state[0], {}))
   for fallback in (False, True):
-    with train.checkpoint_manager(directory) as manager:
-      with pytest.raises(train.CheckpointMismatchError) as info:
-        train.restore_checkpoint(manager, target, fallback=fallback)
+    with checkpoints.checkpoint_manager(directory) as manager:
+      with pytest.raises(checkpoints.CheckpointMismatchError) as info:
+        checkpoints.restore_training(manager, target, fallback=fallback)
     message = str(info.value)
     assert os.path.join(directory, "2") in message and "27 leaves differ" in message
     for line in ["ema_params/w: saved (3,) float32, expected (3,) bfloat16",
@@ -313,8 +317,8 @@ def test_resume_refuses_another_model_or_fewer_steps(tmp_path, digits_npz, monke
                                         "bias": np.zeros(16, np.float32)}}
   for workdir, saved in [("run", state), ("other_model", state.replace(params=narrow,
                                                                        ema_params=narrow))]:
-    with train.checkpoint_manager(str(tmp_path / workdir / "checkpoints")) as manager:
-      train.save_checkpoint(manager, saved, 3)
+    with checkpoints.checkpoint_manager(str(tmp_path / workdir / "checkpoints")) as manager:
+      checkpoints.save_training(manager, saved, 3)
   config.training.num_train_steps = 3  # already there: nothing to do
   assert int(train.train_and_evaluate(config, str(tmp_path / "run")).step) == 3
   monkeypatch.setattr(train, "make_train_fn", pytest.fail)  # errors come before compiling
@@ -323,7 +327,7 @@ def test_resume_refuses_another_model_or_fewer_steps(tmp_path, digits_npz, monke
                      + ".* at step 3, past config.training.num_train_steps=2"):
     train.train_and_evaluate(config, str(tmp_path / "run"))
   config.training.num_train_steps = 4
-  with pytest.raises(train.CheckpointMismatchError, match=(
+  with pytest.raises(checkpoints.CheckpointMismatchError, match=(
       r"(?s)4 leaves differ.*ema_params/conv_in/kernel: saved \(3, 3, 3, 16\) float32, "
       r"expected \(3, 3, 3, 32\) float32.*config differs")):
     train.train_and_evaluate(config, str(tmp_path / "other_model"))
@@ -337,24 +341,24 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path):
   os.makedirs(partial)
   with open(os.path.join(partial, "_METADATA"), "w") as f:
     f.write("{trunc")
-  with train.checkpoint_manager(directory) as manager:
-    restored = train.restore_checkpoint(manager, small_state(0))
+  with checkpoints.checkpoint_manager(directory) as manager:
+    restored = checkpoints.restore_training(manager, small_state(0))
   assert int(restored.step) == 2
 
 
 def test_load_ema_params_reads_a_shipped_ema_only_checkpoint(tmp_path):
   saved_run(str(tmp_path / "run" / "checkpoints"))
-  np.testing.assert_array_equal(train.load_ema_params(str(tmp_path / "run"))["w"], [20.0] * 3)
-  np.testing.assert_array_equal(train.load_ema_params(str(tmp_path / "run"), step=1)["w"],
+  np.testing.assert_array_equal(checkpoints.load_ema_params(str(tmp_path / "run"))["w"], [20.0] * 3)
+  np.testing.assert_array_equal(checkpoints.load_ema_params(str(tmp_path / "run"), step=1)["w"],
                                 [10.0] * 3)
   shipped = tmp_path / "shipped" / "checkpoints" / "2"
   shutil.copytree(tmp_path / "run" / "checkpoints" / "2" / "ema_params", shipped / "ema_params")
   shutil.copy(tmp_path / "run" / "checkpoints" / "2" / "_CHECKPOINT_METADATA", shipped)
-  ema = train.load_ema_params(str(tmp_path / "shipped"))
+  ema = checkpoints.load_ema_params(str(tmp_path / "shipped"))
   assert isinstance(ema["w"], np.ndarray)
   np.testing.assert_array_equal(ema["w"], [20.0] * 3)
-  with pytest.raises(FileNotFoundError):
-    train.load_ema_params(str(tmp_path / "nothing"))
+  with pytest.raises(checkpoints.CheckpointError, match="no checkpoint directory"):
+    checkpoints.load_ema_params(str(tmp_path / "nothing"))
 
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
@@ -367,9 +371,9 @@ def test_unreadable_checkpoint_when_sampling_is_named(tmp_path, damage):
     for path in glob.glob(os.path.join(directory, "2", "ema_params", "**", "*"), recursive=True):
       if os.path.isfile(path):
         os.truncate(path, os.path.getsize(path) // 2)
-  with pytest.raises(train.CheckpointError, match=re.escape(os.path.join(directory, "2"))):
-    train.load_ema_params(str(tmp_path / "run"))
-  np.testing.assert_array_equal(train.load_ema_params(str(tmp_path / "run"), step=1)["w"],
+  with pytest.raises(checkpoints.CheckpointError, match=re.escape(os.path.join(directory, "2"))):
+    checkpoints.load_ema_params(str(tmp_path / "run"))
+  np.testing.assert_array_equal(checkpoints.load_ema_params(str(tmp_path / "run"), step=1)["w"],
                                 [10.0] * 3)
 
 
@@ -381,17 +385,18 @@ def test_sampling_from_a_chosen_training_step(tmp_path, monkeypatch):
   params = jax.tree.map(lambda s: rng.standard_normal(s.shape).astype(np.float32),
                         shapes["params"])
   monkeypatch.chdir(tmp_path)
-  with train.checkpoint_manager("run/checkpoints") as manager:
+  with checkpoints.checkpoint_manager("run/checkpoints") as manager:
     for step in (1, 2):
-      train.save_checkpoint(manager, train.TrainState(
-          step=np.int32(step), params=params, ema_params=jax.tree.map(lambda p: p * step, params),
+      checkpoints.save_training(manager, train.TrainState(
+          step=np.int32(step), params=params,
+          ema_params=jax.tree.map(lambda p, s=step: p * s, params),
           opt_state=np.zeros(())), step)
   shutil.copytree("run/checkpoints", "elsewhere")  # any orbax checkpoints directory
-  convert.save_params("converted", model, params)
+  checkpoints.save_params("converted", model, params)
 
   def load(checkpoint, step=-1):
     config.sampler.update(checkpoint=checkpoint, checkpoint_step=step)
-    return eps_models.load(config, "run")
+    return eps_models.load(config, spec_of(config), "run")
 
   sources = set()
   for checkpoint, step, directory, expected in [
@@ -405,14 +410,16 @@ def test_sampling_from_a_chosen_training_step(tmp_path, monkeypatch):
   assert len(sources) == 3  # two steps of one run are told apart
   assert load("converted").source == str(tmp_path / "converted")
   for checkpoint, step in [("run", 7), ("run/checkpoints/7", -1)]:
-    with pytest.raises(FileNotFoundError, match="no checkpoint of step 7 .*available steps: 1, 2"):
+    with pytest.raises(checkpoints.CheckpointError,
+                       match="no checkpoint of step 7 .*available steps: 1, 2"):
       load(checkpoint, step)
   with pytest.raises(ValueError, match="step 1, but step 2 was asked for"):
     load("run/checkpoints/1", 2)
   with pytest.raises(ValueError, match="checkpoint_step=1 .* not one"):
     load("converted", 1)
   gmm = gmm_pndm.get_config()
-  assert eps_models.load(gmm, "").source == f"analytic digits_gmm(std={gmm.model.gmm_std})"
+  source = eps_models.load(gmm, spec_of(gmm), "").source
+  assert source == f"analytic digits_gmm(std={gmm.model.gmm_std})"
 
 
 @pytest.mark.parametrize("overrides, message", [

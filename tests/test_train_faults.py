@@ -13,7 +13,6 @@ import time
 
 import numpy as np
 import orbax.checkpoint as ocp
-
 from test_train import tiny_config, write_digits_npz
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -15,7 +15,6 @@ padded onto a larger canvas would be shrunk, not cropped. The training data is
 
 from __future__ import annotations
 
-import logging
 import os
 
 import flax.linen as nn
@@ -23,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from flax import serialization
 
 from pndm_jax import input_pipeline
@@ -94,7 +94,7 @@ def train_digits_classifier(seed: int = 0, num_steps: int = 400,
   """Trains the classifier on the training split (seconds on a CPU)."""
   (x, y), _ = digits_split()
   x, y = jnp.asarray(x), jnp.asarray(y)
-  init_key, data_key = jax.random.split(jax.random.PRNGKey(seed))
+  init_key, data_key = jax.random.split(jax.random.key(seed))
   params = DigitsCNN().init(init_key, x[:1])["params"]
   tx = optax.adam(lr)
 
@@ -135,7 +135,7 @@ def load_digits_classifier(path: str) -> Params:
   with open(path, "rb") as f:
     params = serialization.msgpack_restore(f.read())
   dummy = jax.ShapeDtypeStruct((1, IMAGE_SIZE, IMAGE_SIZE, 1), jnp.float32)
-  want = jax.eval_shape(DigitsCNN().init, jax.random.PRNGKey(0), dummy)["params"]
+  want = jax.eval_shape(DigitsCNN().init, jax.random.key(0), dummy)["params"]
   got_shapes = jax.tree.map(np.shape, params)
   want_shapes = jax.tree.map(lambda s: s.shape, want)
   if got_shapes != want_shapes:

@@ -16,22 +16,22 @@ Two feature extractors share the machinery (`metric`):
 from __future__ import annotations
 
 import hashlib
-import json
-import logging
 import os
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
+from absl import logging
 from scipy import linalg
 
-from pndm_jax import files, progress, sample_store, sharding
+from pndm_jax import choices, files, progress, sample_store, sharding
 from pndm_jax.evaluation import digits_classifier, inception
 
 METRICS = ("fid", "fd_digits")
 
 FeatureFn = Callable[[np.ndarray], np.ndarray]
-Images = Union[np.ndarray, Iterable[np.ndarray]]
+Images = np.ndarray | Iterable[np.ndarray]
 
 
 class ShardedFeatureExtractor:
@@ -46,7 +46,7 @@ class ShardedFeatureExtractor:
 
   def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array],
                variables: Any, batch_size: int,
-               devices: Optional[Sequence[jax.Device]] = None):
+               devices: Sequence[jax.Device] | None = None):
     mesh = sharding.batch_mesh(devices)
     self.batch_size = sharding.round_up(batch_size, mesh)
     self._data_sharding = sharding.batch_sharding(mesh)
@@ -82,7 +82,7 @@ class ShardedFeatureExtractor:
 
 
 def inception_feature_fn(weights_path: str, batch_size: int = 200,
-                         devices: Optional[Sequence[jax.Device]] = None
+                         devices: Sequence[jax.Device] | None = None
                          ) -> ShardedFeatureExtractor:
   """FID features: pytorch-fid's Inception pool3 (2048-d) from a weights file."""
   module, variables = inception.load_inception(weights_path)
@@ -90,7 +90,7 @@ def inception_feature_fn(weights_path: str, batch_size: int = 200,
 
 
 def digits_feature_fn(params_path: str, batch_size: int = 512,
-                      devices: Optional[Sequence[jax.Device]] = None
+                      devices: Sequence[jax.Device] | None = None
                       ) -> ShardedFeatureExtractor:
   """FD-digits features; trains and caches the classifier if the file is absent."""
   params = digits_classifier.load_or_train_digits_classifier(params_path)
@@ -99,14 +99,12 @@ def digits_feature_fn(params_path: str, batch_size: int = 512,
 
 
 def feature_fn_for(metric: str, weights_file: str, batch_size: int,
-                   devices: Optional[Sequence[jax.Device]] = None
+                   devices: Sequence[jax.Device] | None = None
                    ) -> ShardedFeatureExtractor:
   """The extractor of `metric` ("fid" or "fd_digits") from its weights file."""
-  if metric == "fid":
+  if choices.check("metric", metric, METRICS) == "fid":
     return inception_feature_fn(weights_file, batch_size, devices)
-  if metric == "fd_digits":
-    return digits_feature_fn(weights_file, batch_size, devices)
-  raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
+  return digits_feature_fn(weights_file, batch_size, devices)
 
 
 class RunningStats:
@@ -118,8 +116,8 @@ class RunningStats:
 
   def __init__(self):
     self.count = 0
-    self._mean: Optional[np.ndarray] = None
-    self._scatter: Optional[np.ndarray] = None  # sum of centred outer products
+    self._mean: np.ndarray | None = None
+    self._scatter: np.ndarray | None = None  # sum of centred outer products
 
   def update(self, features: np.ndarray) -> None:
     x = np.asarray(features, dtype=np.float64)
@@ -147,7 +145,7 @@ class RunningStats:
     return self._mean.copy(), self._scatter / (self.count - 1)
 
 
-def _rebatch(batches: Iterable[np.ndarray], size: Optional[int]
+def _rebatch(batches: Iterable[np.ndarray], size: int | None
              ) -> Iterator[np.ndarray]:
   """Regroups a stream of image batches into batches of exactly `size` (the
   last one possibly smaller), so only the very last device batch is padded."""
@@ -170,7 +168,7 @@ def _rebatch(batches: Iterable[np.ndarray], size: Optional[int]
     yield np.concatenate(pending)
 
 
-def _take(batches: Iterable[np.ndarray], limit: Optional[int]
+def _take(batches: Iterable[np.ndarray], limit: int | None
           ) -> Iterator[np.ndarray]:
   """The first `limit` images (all if None) of a stream of batches."""
   if limit is not None and limit <= 0:
@@ -187,7 +185,7 @@ def _take(batches: Iterable[np.ndarray], limit: Optional[int]
 
 
 def accumulate_features(images: Images, feature_fn: FeatureFn, *,
-                        num_images: Optional[int] = None) -> RunningStats:
+                        num_images: int | None = None) -> RunningStats:
   """Streams `images` through `feature_fn` into a `RunningStats`.
 
   `images` is one (N, H, W, C) array or an iterable of such batches (e.g. a
@@ -211,7 +209,7 @@ def accumulate_features(images: Images, feature_fn: FeatureFn, *,
 
 
 def compute_stats_from_images(images: Images, feature_fn: FeatureFn, *,
-                              num_images: Optional[int] = None,
+                              num_images: int | None = None,
                               ) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of the features of `images` (see `accumulate_features`)."""
   stats = accumulate_features(images, feature_fn, num_images=num_images)
@@ -317,22 +315,21 @@ def file_sha256(path: str) -> str:
 
 def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str,
                         out_json: str, *, metric: str = "fid", batch_size: int = 200,
-                        num_images: Optional[int] = None, allow_subset: bool = False,
-                        devices: Optional[Sequence[jax.Device]] = None
+                        num_images: int | None = None, allow_subset: bool = False,
+                        devices: Sequence[jax.Device] | None = None
                         ) -> dict[str, Any]:
   """Frechet distance of images 0..num_images-1 of `sample_dir` to `stats_file`.
 
   `weights_file` is the Inception weights for "fid" or the digits-classifier
-  params for "fd_digits". The images are read from verified shards (a bad one
+  params for "fd_digits". The images are read from verified chunks (a bad one
   is named); fewer than `num_images` (default: the directory's own
   num_samples) is an error unless `allow_subset`. Writes and returns a JSON
   record of what was scored, read from the data: the value (under the
   metric's name), the image count and index range, whether that is a subset,
-  the directory's sampler settings and the NFE its shards record, and both
+  the directory's sampler settings and the NFE its chunks record, and both
   files' paths and SHA-256.
   """
-  if metric not in METRICS:
-    raise ValueError(f"unknown metric {metric!r}; valid choices: {', '.join(METRICS)}")
+  choices.check("metric", metric, METRICS)
   ref_mu, ref_sigma = load_stats(stats_file)
   held = sample_store.contents(sample_dir, num_images, allow_subset)
   feature_fn = feature_fn_for(metric, weights_file, batch_size, devices)
@@ -353,7 +350,7 @@ def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str,
       "num_requested": held.num_requested,
       "subset": stats.count < held.num_requested,
       "sample_dir": os.path.abspath(sample_dir),
-      "num_shards": len(held.paths),
+      "num_chunks": len(held.paths),
       "sampler_settings": held.settings,
       "nfe_per_image": held.nfe_per_image,
       "weights_file": os.path.abspath(weights_file),

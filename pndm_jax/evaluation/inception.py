@@ -26,7 +26,8 @@ from __future__ import annotations
 import functools
 import os
 import pickle
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -241,7 +242,7 @@ _PICKLE_LAYER = (("conv.kernel", "params", ("conv", "kernel"), False),
 def variable_shapes() -> Variables:
   """The module's variables as a tree of ShapeDtypeStructs (no compute)."""
   dummy = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
-  return jax.eval_shape(FIDInceptionV3().init, jax.random.PRNGKey(0), dummy)
+  return jax.eval_shape(FIDInceptionV3().init, jax.random.key(0), dummy)
 
 
 def conv_layer_names() -> list[str]:

@@ -1,4 +1,4 @@
-"""The DDPM/DDIM epsilon-prediction U-Net (METHODS §7) in Flax linen, NHWC.
+"""The DDPM/DDIM epsilon-prediction U-Net (docs/methods.md §8) in Flax linen, NHWC.
 
 Module names follow the DDIM state_dict layout (`down_{i}_block_{j}`, `up_{i}_attn_{j}`, ...) so
 that `pndm_jax.convert` maps PyTorch checkpoints onto this tree by name. Parameters are always

@@ -1,14 +1,59 @@
-"""Stochastic posterior sampling: DDPM (fixedlarge) and DDIM with eta > 0 (fixedsmall)."""
+"""Stochastic posterior sampling: DDPM and DDIM with eta > 0 (docs/methods.md §7).
+
+Each step predicts x0 = x/sqrt(a) - e sqrt(1/a - 1) and draws
+x' = sqrt(a') x0 + c_eps e + std z; the variance value says how much of the
+posterior variance the noise z carries (`std`) and how much the mean already
+accounts for (`mean_std`, with c_eps = sqrt(1 - a' - mean_std^2)).
+"""
 
 from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pndm_jax import schedules
-from pndm_jax.samplers import methods
 from pndm_jax.samplers.model_call import EpsFn, call_eps, per_step_arrays
+
+if TYPE_CHECKING:  # methods.py builds its Ancestral from the variances below
+  from pndm_jax.samplers.methods import Ancestral
+
+
+def _posterior_variance(a: np.ndarray, a_next: np.ndarray) -> np.ndarray:
+  return (1.0 - a_next) / (1.0 - a) * (1.0 - a / a_next)
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedSmall:
+  """DDIM's sigma: std = eta * sqrt(posterior variance); eta = 0 is deterministic DDIM."""
+
+  eta: float = 1.0
+
+  def __post_init__(self):
+    if self.eta < 0:
+      raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+  def stds(self, a: np.ndarray, a_next: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean_std, std) per step."""
+    std = self.eta * np.sqrt(_posterior_variance(a, a_next))
+    return std, std
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedLarge:
+  """DDPM's choice: the posterior mean with std sqrt(1 - a/a'), no noise on the last step."""
+
+  def stds(self, a: np.ndarray, a_next: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(mean_std, std) per step."""
+    std = np.sqrt(1.0 - a / a_next)
+    std[-1] = 0.0
+    return np.sqrt(_posterior_variance(a, a_next)), std
+
+
+Variance = FixedSmall | FixedLarge
 
 
 def as_typed_key(rng: jax.Array) -> jax.Array:
@@ -30,33 +75,24 @@ def step_noise(rng: jax.Array, step: jax.Array, x: jax.Array) -> jax.Array:
   return jax.vmap(draw)(rng)
 
 
-def _coefficients(schedule, method: methods.Ancestral, t, t_next, index):
-  """x0 = x/sqrt(a) - e sqrt(1/a - 1); x' = sqrt(a') x0 + c_eps e + std z."""
-  a = schedule.alpha_bar(t, index)
-  a_next = schedule.alpha_bar(t_next, index)
-  posterior_var = (1.0 - a_next) / (1.0 - a) * (1.0 - a / a_next)
-  if method.variance == "fixedsmall":
-    mean_std = std = method.eta * np.sqrt(posterior_var)
-  else:
-    mean_std = np.sqrt(posterior_var)
-    std = np.sqrt(1.0 - a / a_next)
-    std[-1] = 0.0
+def _coefficients(d: schedules.Discretization, variance: Variance) -> dict[str, np.ndarray]:
+  a, a_next = d.alpha_bar(d.t), d.alpha_bar(d.t_next)
+  mean_std, std = variance.stds(a, a_next)
   return dict(x_scale=1.0 / np.sqrt(a), eps_scale=np.sqrt(1.0 / a - 1.0),
               x0_coef=np.sqrt(a_next),
               eps_coef=np.sqrt(np.maximum(1.0 - a_next - mean_std**2, 0.0)), std=std)
 
 
-def sample(eps_fn: EpsFn, x_T: jax.Array, schedule: schedules.Schedule,
-           method: methods.Ancestral, t: np.ndarray, t_next: np.ndarray, index: str,
-           rng: jax.Array) -> jax.Array:
-  """Ancestral sampling over the grid (t, t_next) with noise from `rng`."""
+def sample_ancestral(eps_fn: EpsFn, x_T: jax.Array, method: Ancestral,
+                     discretization: schedules.Discretization, rng: jax.Array) -> jax.Array:
+  """Ancestral sampling over the grid from x_T, with noise from `rng` (one key or one per image)."""
   rng = as_typed_key(rng)
   if rng.ndim not in (0, 1) or (rng.ndim == 1 and rng.shape[0] != x_T.shape[0]):
     raise ValueError(f"rng must be one key or one key per image ({x_T.shape[0]}), "
                      f"got key shape {rng.shape}")
-  steps = per_step_arrays(x_T, _coefficients(schedule, method, t, t_next, index),
-                          dict(t=t))
-  steps["step"] = jnp.arange(len(t))
+  d = discretization
+  steps = per_step_arrays(x_T, _coefficients(d, method.variance), dict(t=d.t))
+  steps["step"] = jnp.arange(len(d.t))
 
   def body(x, c):
     e = call_eps(eps_fn, x, c["t"])

@@ -1,22 +1,20 @@
-"""Gradient parts: how a step's gradient estimate is built from model evaluations.
+"""Gradient parts: a step's gradient estimate from model evaluations (docs/methods.md §5).
 
-Single-step parts are explicit stage rules: each stage moves from the step's
-start x toward a target using the previous stage's gradient, then evaluates the
-model there. Multistep parts (PLMS and its lower orders) combine the current
-evaluation with a fixed-size history kept as a ring buffer; their per-step ring
-weights are precomputed here so the scan body never branches.
+Single-step parts are Runge-Kutta tableaux: stage i evaluates the model a
+fraction c[i] of the way through the step, at the point the previous stage's
+gradient moves the step's start x to, and the step moves with the b-weighted
+sum of all stage gradients. Multistep parts (PLMS and its lower orders)
+combine the current evaluation with a fixed-size history kept as a ring buffer;
+their per-step ring weights are precomputed here so the scan body never branches.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-# name -> (stage targets after the first evaluation, weights of all evaluations)
-SINGLE_STEP_RULES: dict[str, tuple[tuple[str, ...], tuple[float, ...]]] = {
-    "euler": ((), (1.0,)),
-    "heun": (("next",), (1 / 2, 1 / 2)),
-    "rk4": (("mid", "mid", "next"), (1 / 6, 2 / 6, 2 / 6, 1 / 6)),
-}
+from pndm_jax import schedules
 
 # order -> Adams-Bashforth weights, newest evaluation first
 MULTISTEP_WEIGHTS: dict[int, tuple[float, ...]] = {
@@ -27,9 +25,88 @@ MULTISTEP_WEIGHTS: dict[int, tuple[float, ...]] = {
 }
 
 
-def evals_per_step(rule: str) -> int:
-  """Model evaluations one step of single-step rule `rule` makes."""
-  return len(SINGLE_STEP_RULES[rule][0]) + 1
+@dataclasses.dataclass(frozen=True)
+class RungeKutta:
+  """An explicit tableau whose stage i moves from x with stage i-1's gradient only.
+
+  `c`: the stage nodes as fractions of the step (c[0] = 0); `b`: the weights of
+  the stage gradients in the step. Its Butcher matrix is a[i][i-1] = c[i], which
+  covers Euler, Heun (improved Euler) and classical RK4.
+  """
+
+  c: tuple[float, ...]
+  b: tuple[float, ...]
+
+  def __post_init__(self):
+    if len(self.c) != len(self.b) or not self.c or self.c[0] != 0:
+      raise ValueError(f"a tableau needs as many nodes c as weights b and c[0] = 0, "
+                       f"got c={self.c}, b={self.b}")
+
+  @property
+  def num_stages(self) -> int:
+    """Model evaluations one step makes."""
+    return len(self.c)
+
+
+EULER = RungeKutta(c=(0.0,), b=(1.0,))
+HEUN = RungeKutta(c=(0.0, 1.0), b=(1 / 2, 1 / 2))
+RK4 = RungeKutta(c=(0.0, 1 / 2, 1 / 2, 1.0), b=(1 / 6, 2 / 6, 2 / 6, 1 / 6))
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearMultistep:
+  """Adams-Bashforth over the last `order` evaluations, one evaluation a step.
+
+  Constant-step weights are the paper's PLMS coefficients (equal steps assumed);
+  `variable_step` weights integrate the eps interpolant exactly over the actual
+  spacing in sigma (pseudo transfer only).
+  """
+
+  order: int
+  variable_step: bool = False
+
+  def __post_init__(self):
+    if self.order not in MULTISTEP_WEIGHTS:
+      raise ValueError(f"multistep order must be one of {tuple(MULTISTEP_WEIGHTS)}, "
+                       f"got {self.order}")
+
+  def ring_weights(self, discretization: schedules.Discretization,
+                   ramp: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Per-step ring slots [S] (int32) and weights [S, order] (float64) over the grid.
+
+    Step i writes its evaluation into slot i % order; the evaluation of step i-j
+    sits in slot (i-j) % order and gets the j-th weight of order k. With `ramp`
+    the first steps use the orders their history allows (1, 2, ...); otherwise
+    every step uses `order` (a single-step warm-up fills the history).
+    """
+    d = discretization
+    num_steps = len(d.t)
+    sigma = None
+    if self.variable_step:  # the nodes: sigma at each step's start, then at the end [S + 1]
+      a = d.alpha_bar(np.append(d.t, d.t_next[-1]))
+      sigma = np.sqrt((1.0 - a) / a)
+    steps = np.arange(num_steps)
+    weights = np.zeros((num_steps, self.order))
+    for i in steps:
+      k = min(i + 1, self.order) if ramp else self.order
+      if self.variable_step:
+        w = variable_step_weights(sigma[i - np.arange(k)], sigma[i], sigma[i + 1])
+      else:
+        w = MULTISTEP_WEIGHTS[k]
+      for j in range(k):
+        weights[i, (i - j) % self.order] = w[j]
+    return (steps % self.order).astype(np.int32), weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Ramp:
+  """A multistep part's warm-up by lower-order multistep steps (1 evaluation a step)."""
+
+
+RAMP = Ramp()
+
+GradientPart = RungeKutta | LinearMultistep
+Warmup = RungeKutta | Ramp
 
 
 def variable_step_weights(nodes: np.ndarray, start: float, end: float) -> np.ndarray:
@@ -46,28 +123,3 @@ def variable_step_weights(nodes: np.ndarray, start: float, end: float) -> np.nda
     basis = np.polynomial.Polynomial(np.atleast_1d(np.poly(others))[::-1]) / np.prod(node - others)
     weights.append(basis.integ()(end - start) / (end - start))
   return np.array(weights)
-
-
-def ring_weights(order: int, num_steps: int, ramp: bool,
-                 nodes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-  """Per-step ring slots and weights for a multistep part of `order`.
-
-  Step i writes its evaluation into slot i % order; the evaluation of step i-j
-  sits in slot (i-j) % order and gets weight MULTISTEP_WEIGHTS[k][j]. With
-  `ramp` the first steps use the orders their history allows (1, 2, ...);
-  otherwise every step uses `order` (a single-step warm-up fills the history).
-  With `nodes` (the integration variable at each step's start, then at the
-  end: [S + 1]) the weights are the variable-step ones over those nodes.
-  Returns slots [S] (int32) and weights [S, order] (float64).
-  """
-  steps = np.arange(num_steps)
-  weights = np.zeros((num_steps, order))
-  for i in steps:
-    k = min(i + 1, order) if ramp else order
-    if nodes is None:
-      w = MULTISTEP_WEIGHTS[k]
-    else:
-      w = variable_step_weights(nodes[i - np.arange(k)], nodes[i], nodes[i + 1])
-    for j in range(k):
-      weights[i, (i - j) % order] = w[j]
-  return (steps % order).astype(np.int32), weights

@@ -1,91 +1,102 @@
-"""Sampling methods as values, the named presets, and their NFE (METHODS §5).
+"""Sampling methods as values, their names and their NFE (docs/methods.md §6).
 
 A deterministic method is a transfer (how x moves given a gradient estimate)
 times a gradient part (how the estimate is built from model evaluations); the
 paper's methods are four points of that space. Stochastic and probability-flow
-samplers are values of their own.
+samplers are values of their own. Method values are frozen and hashable
+(static jit arguments); names exist only here, in the presets and the tables
+`get_method` parses `TRANSFER-GRADIENT[-WARMUP]` with.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Union
+from typing import Any
 
-from pndm_jax import schedules
-from pndm_jax.samplers import gradients
-
-TRANSFERS = ("pseudo", "classical")
-SINGLE_STEP = tuple(gradients.SINGLE_STEP_RULES)
-# lmsK: the paper's PLMS coefficients (equal steps assumed); vlmsK: variable-step weights that
-# integrate the eps interpolant exactly over [sigma, sigma'] (pseudo transfer only).
-MULTISTEP = ("lms2", "lms3", "lms4", "vlms2", "vlms3", "vlms4")
-GRADIENTS = SINGLE_STEP + MULTISTEP
-WARMUPS = SINGLE_STEP + ("ramp",)  # "ramp": lower-order multistep, 1 eval per step
-VARIANCES = ("fixedsmall", "fixedlarge")
+from pndm_jax import choices, schedules
+from pndm_jax.samplers.ancestral import FixedLarge, FixedSmall, Variance
+from pndm_jax.samplers.gradients import (
+  EULER,
+  HEUN,
+  RAMP,
+  RK4,
+  GradientPart,
+  LinearMultistep,
+  Ramp,
+  RungeKutta,
+  Warmup,
+)
+from pndm_jax.samplers.transfer import CLASSICAL, PSEUDO, Classical, Pseudo, Transfer
 
 
 @dataclasses.dataclass(frozen=True)
 class Deterministic:
-  """transfer x gradient part; multistep parts name how their history is warmed up."""
+  """transfer x gradient part; a multistep part names how its history is warmed up.
 
-  transfer: str = "pseudo"
-  gradient: str = "euler"
-  warmup: Optional[str] = None
+  `warmup` is a Runge-Kutta tableau run for the first order-1 steps, or RAMP
+  (lower-order multistep steps); single-step parts take none.
+  """
+
+  transfer: Transfer = PSEUDO
+  gradient: GradientPart = EULER
+  warmup: Warmup | None = None
 
   def __post_init__(self):
-    schedules.check_choice("transfer", self.transfer, TRANSFERS)
-    schedules.check_choice("gradient part", self.gradient, GRADIENTS)
-    if self.gradient in MULTISTEP:
+    for part, kinds, what in ((self.transfer, (Pseudo, Classical), "transfer"),
+                              (self.gradient, (RungeKutta, LinearMultistep), "gradient part"),
+                              (self.warmup, (RungeKutta, Ramp, type(None)), "warmup")):
+      if not isinstance(part, kinds):
+        raise TypeError(f"{what} must be a value ({', '.join(k.__name__ for k in kinds)}), "
+                        f"got {part!r}; get_method parses names")
+    if isinstance(self.gradient, LinearMultistep):
       if self.warmup is None:
-        raise ValueError(f"multistep gradient part {self.gradient!r} needs a warmup; "
+        raise ValueError(f"multistep gradient part {_name(self.gradient)!r} needs a warmup; "
                          f"valid choices: {', '.join(WARMUPS)}")
-      schedules.check_choice("warmup", self.warmup, WARMUPS)
+      if self.gradient.variable_step and not self.transfer.integrates_in_sigma:
+        constant = dataclasses.replace(self.gradient, variable_step=False)
+        raise ValueError(f"{_name(self.gradient)!r} integrates in sigma, the pseudo transfer's "
+                         f"variable; use transfer 'pseudo' or gradient {_name(constant)!r}")
     elif self.warmup is not None:
-      raise ValueError(f"single-step gradient part {self.gradient!r} takes no warmup, "
-                       f"got {self.warmup!r}")
-    if self.gradient.startswith("v") and self.transfer != "pseudo":
-      raise ValueError(f"{self.gradient!r} integrates in sigma, the pseudo transfer's variable; "
-                       f"use transfer 'pseudo' or gradient {self.gradient[1:]!r}")
-
-  @property
-  def order(self) -> int:
-    """History length of a multistep part (0 for single-step parts)."""
-    return int(self.gradient[-1]) if self.gradient in MULTISTEP else 0
+      raise ValueError(f"single-step gradient part {_name(self.gradient)!r} takes no warmup, "
+                       f"got {_name(self.warmup)!r}")
 
   @property
   def warmup_steps(self) -> int:
     """Steps taken by the single-step warm-up rule before the multistep rule starts."""
-    return 0 if self.warmup in (None, "ramp") else self.order - 1
+    return self.gradient.order - 1 if isinstance(self.warmup, RungeKutta) else 0
 
-  def num_evals(self, num_grid_steps: int) -> int:
-    if self.gradient in SINGLE_STEP:
-      return num_grid_steps * gradients.evals_per_step(self.gradient)
+  def check_steps(self, discretization: schedules.Discretization) -> None:
+    """Multistep methods need their warm-up steps plus at least one more."""
     warm = self.warmup_steps
-    per_warm_step = gradients.evals_per_step(self.warmup) if warm else 0
-    return warm * per_warm_step + (num_grid_steps - warm)
+    if 0 < warm >= discretization.num_steps:
+      raise ValueError(
+          f"{_name(self.gradient)} with a {_name(self.warmup)} warm-up needs at least "
+          f"{warm + 1} steps ({warm} warm-up steps plus one), got {discretization.num_steps}")
+
+  def num_evals(self, discretization: schedules.Discretization) -> int:
+    """Model evaluations a run over `discretization` makes."""
+    self.check_steps(discretization)
+    num_steps = len(discretization.t)
+    if isinstance(self.gradient, RungeKutta):
+      return num_steps * self.gradient.num_stages
+    warm = self.warmup_steps
+    return (warm * self.warmup.num_stages if warm else 0) + num_steps - warm
 
 
 @dataclasses.dataclass(frozen=True)
 class Ancestral:
-  """DDPM / DDIM-with-eta posterior sampling.
+  """DDPM / DDIM-with-eta posterior sampling with the noise `variance` says.
 
-  `fixedsmall` draws with std eta * sqrt(posterior variance) (DDIM's sigma);
-  `fixedlarge` is DDPM's choice, the posterior mean with std sqrt(1 - a/a'),
-  no noise on the last step. `clip_x0` clamps the predicted x0 to [-1, 1] as
-  image samplers of the reference do.
+  `clip_x0` clamps the predicted x0 to [-1, 1] as image samplers of the
+  reference do.
   """
 
-  eta: float = 1.0
-  variance: str = "fixedsmall"
+  variance: Variance = FixedSmall()
   clip_x0: bool = False
 
-  def __post_init__(self):
-    schedules.check_choice("variance", self.variance, VARIANCES)
-    if self.eta < 0:
-      raise ValueError(f"eta must be >= 0, got {self.eta}")
-
-  def num_evals(self, num_grid_steps: int) -> int:
-    return num_grid_steps
+  def num_evals(self, discretization: schedules.Discretization) -> int:
+    """Model evaluations a run over `discretization` makes: one a step."""
+    return len(discretization.t)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,66 +108,66 @@ class ProbabilityFlow:
   t_min: float = 1e-3
   max_steps: int = 100_000
 
-  def num_evals(self, num_grid_steps: int) -> None:
-    return None  # adaptive: only the solver knows
+  def num_evals(self, discretization: schedules.Discretization) -> None:
+    """None: the solver adapts its steps (and ignores the grid); only a run knows."""
+    return None
 
 
-Method = Union[Deterministic, Ancestral, ProbabilityFlow]
+Method = Deterministic | Ancestral | ProbabilityFlow
 
 PRESETS: dict[str, Method] = {
-    "ddpm": Ancestral(eta=1.0, variance="fixedlarge"),
-    "ddim": Deterministic("pseudo", "euler"),
-    "s-pndm": Deterministic("pseudo", "lms2", warmup="heun"),
-    "f-pndm": Deterministic("pseudo", "lms4", warmup="rk4"),
-    "fon": Deterministic("classical", "lms4", warmup="rk4"),
+    "ddpm": Ancestral(FixedLarge()),
+    "ddim": Deterministic(PSEUDO, EULER),
+    "s-pndm": Deterministic(PSEUDO, LinearMultistep(2), HEUN),
+    "f-pndm": Deterministic(PSEUDO, LinearMultistep(4), RK4),
+    "fon": Deterministic(CLASSICAL, LinearMultistep(4), RK4),
     "pf": ProbabilityFlow(),
 }
 
+TRANSFERS: dict[str, Transfer] = {"pseudo": PSEUDO, "classical": CLASSICAL}
+_SINGLE_STEP: dict[str, RungeKutta] = {"euler": EULER, "heun": HEUN, "rk4": RK4}
+# lmsK: the paper's PLMS coefficients (equal steps assumed); vlmsK: variable-step weights that
+# integrate the eps interpolant exactly over [sigma, sigma'] (pseudo transfer only).
+GRADIENTS: dict[str, GradientPart] = {
+    **_SINGLE_STEP,
+    **{f"lms{k}": LinearMultistep(k) for k in (2, 3, 4)},
+    **{f"vlms{k}": LinearMultistep(k, variable_step=True) for k in (2, 3, 4)},
+}
+WARMUPS: dict[str, Warmup] = {**_SINGLE_STEP, "ramp": RAMP}  # ramp: 1 eval per step
 
-def get_method(method: Union[str, Method], eta: float = 0.0) -> Method:
-  """Resolves a preset name, an ablation name or a Method value to a Method.
+
+def _name(part: Any) -> str:
+  """The name a method part has in method names (its repr if it has none), for messages."""
+  for table in (TRANSFERS, GRADIENTS, WARMUPS):
+    for name, value in table.items():
+      if value == part:
+        return name
+  return repr(part)
+
+
+def get_method(name: str, eta: float = 0.0) -> Method:
+  """The method a preset or ablation name stands for.
 
   Ablation names read `TRANSFER-GRADIENT[-WARMUP]`, e.g. `classical-rk4` or
   `pseudo-lms3-heun`. Names are case-insensitive, so the reference's `DDIM`,
   `S-PNDM`, `F-PNDM`, `FON` and `PF` work too. `eta` > 0 is only meaningful for
   `ddim`, which then samples stochastically.
   """
-  if not isinstance(method, str):
-    if eta:
-      raise ValueError("pass eta inside the method value, not beside it")
-    return method
-  method = method.lower()
+  name = name.lower()
   if eta:
-    if method != "ddim":
-      raise ValueError(f"eta={eta} applies to method 'ddim' only, got {method!r}")
-    return Ancestral(eta=eta, variance="fixedsmall")
-  if method in PRESETS:
-    return PRESETS[method]
-  parts = method.split("-")
+    if name != "ddim":
+      raise ValueError(f"eta={eta} applies to method 'ddim' only, got {name!r}")
+    return Ancestral(FixedSmall(eta))
+  if name in PRESETS:
+    return PRESETS[name]
+  parts = name.split("-")
   if 2 <= len(parts) <= 3 and parts[0] in TRANSFERS:
-    return Deterministic(*parts)
+    gradient = GRADIENTS[choices.check("gradient part", parts[1], GRADIENTS)]
+    warmup = (WARMUPS[choices.check("warmup", parts[2], WARMUPS)]
+              if len(parts) == 3 else None)
+    return Deterministic(TRANSFERS[parts[0]], gradient, warmup)
   raise ValueError(
-      f"unknown method {method!r}; valid choices: {', '.join(PRESETS)}, or "
+      f"unknown method {name!r}; valid choices: {', '.join(PRESETS)}, or "
       f"TRANSFER-GRADIENT[-WARMUP] with TRANSFER in {{{', '.join(TRANSFERS)}}}, "
       f"GRADIENT in {{{', '.join(GRADIENTS)}}}, WARMUP in {{{', '.join(WARMUPS)}}} "
       f"(multistep only)")
-
-
-def check_num_steps(method: Method, num_steps: int) -> None:
-  """Multistep methods need their warm-up steps plus at least one more."""
-  if isinstance(method, Deterministic) and 0 < method.warmup_steps >= num_steps:
-    raise ValueError(
-        f"{method.gradient} with a {method.warmup} warm-up needs at least "
-        f"{method.warmup_steps + 1} steps ({method.warmup_steps} warm-up steps plus one), "
-        f"got {num_steps}")
-
-
-def nfe(method: Union[str, Method], num_steps: int, *, num_timesteps: int = 1000,
-        grid: str = "uniform", index: str = "paper", eta: float = 0.0) -> Optional[int]:
-  """Model evaluations `sample` makes, without running anything (None for `pf`)."""
-  resolved = get_method(method, eta)
-  if isinstance(resolved, ProbabilityFlow):
-    return None
-  check_num_steps(resolved, num_steps)
-  t, _ = schedules.timesteps(num_timesteps, num_steps, grid, index)
-  return resolved.num_evals(len(t))

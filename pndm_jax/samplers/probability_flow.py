@@ -1,4 +1,4 @@
-"""The probability-flow ODE of the continuous VP-SDE, solved adaptively (METHODS §5, PF)."""
+"""The probability-flow ODE of the continuous VP-SDE, solved adaptively (docs/methods.md §7)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from pndm_jax import schedules
-from pndm_jax.samplers import methods
+from pndm_jax.samplers.methods import ProbabilityFlow
 from pndm_jax.samplers.model_call import EpsFn, call_eps
 
 # Dopri5 is first-same-as-last: one evaluation to start, six per step (accepted
@@ -15,12 +15,13 @@ from pndm_jax.samplers.model_call import EpsFn, call_eps
 _EVALS_PER_STEP = 6
 
 
-def sample(eps_fn: EpsFn, x_T: jax.Array, schedule: schedules.Schedule,
-           method: methods.ProbabilityFlow) -> tuple[jax.Array, jax.Array]:
+def sample_probability_flow(eps_fn: EpsFn, x_T: jax.Array, method: ProbabilityFlow,
+                            schedule: schedules.Schedule) -> tuple[jax.Array, jax.Array]:
   """Integrates dx/dt = -beta(t)/2 (x - eps/std) from t=1 to t_min; returns (x, nfe).
 
-  The discrete linear schedule is read as beta(t) = (beta_0 + t (beta_{N-1} -
-  beta_0)) N, and the model is fed the timestep t (N-1).
+  Needs only the schedule (no grid, no alpha-bar convention: the solver picks
+  its own steps). The discrete linear schedule is read as beta(t) = (beta_0 +
+  t (beta_{N-1} - beta_0)) N, and the model is fed the timestep t (N-1).
   """
   if schedule.name != "linear":
     raise ValueError(f"method 'pf' needs the 'linear' schedule (the VP-SDE it "

@@ -6,7 +6,7 @@ rounding: XLA does not promise bitwise-equal results across batch shapes,
 device counts or CPU kernels, so images agree to within one level of 255 (the
 float outputs to 1e-4). For `pf` the adaptive solver controls its step size
 over a whole batch, so there the batch size is one of the settings. The sample
-directory's format (settings, verified shards, claims) is `sample_store`'s.
+directory's format (settings, verified chunks, claims) is `sample_store`'s.
 """
 
 from __future__ import annotations
@@ -18,20 +18,28 @@ import math
 import os
 import socket
 import time
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 from jax.sharding import Mesh
 
-from pndm_jax import (files, image_grid, models, progress, sample_store, samplers, schedules,
-                      sharding)
+from pndm_jax import (
+  files,
+  image_grid,
+  models,
+  progress,
+  sample_store,
+  sampler_spec,
+  samplers,
+  sharding,
+)
 
 SAMPLE_DIR = "samples"    # default sample directories live under <workdir>/samples/
-CLAIM_POLL_SECONDS = 1.0  # how often to look at shards other processes are making
+CLAIM_POLL_SECONDS = 1.0  # how often to look at chunks other processes are making
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -54,56 +62,18 @@ def network_model(model: models.UNet, params: Any = None, source: str = "") -> E
   return EpsModel(apply, params, (model.image_size, model.image_size, model.in_channels), source)
 
 
-def image_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """The settings that determine the images of a config (not how many there are).
-
-  They name the default sample directory and are recorded in it. `pf`'s adaptive
-  step size is controlled over a whole batch, so there the batch size counts too.
-  """
-  s, d = config.sampler, config.diffusion
-  settings = dict(method=s.method.lower(), num_steps=s.num_steps, index=s.index, grid=s.grid,
-                  eta=s.eta, seed=s.seed, schedule=d.schedule, num_timesteps=d.num_timesteps,
-                  model=config.model.to_dict(), checkpoint=s.checkpoint,
-                  checkpoint_step=s.checkpoint_step,
-                  checkpoint_list_entry=s.checkpoint_list_entry)
-  if _is_adaptive(s.method, s.eta):
-    settings["batch_size"] = s.batch_size
-  return settings
-
-
-def _is_adaptive(method: str, eta: float) -> bool:
-  return isinstance(samplers.get_method(method, eta), samplers.ProbabilityFlow)
-
-
-def default_sample_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """`config.sampler.sample_dir`, else `<workdir>/samples/<method>-<steps>-seed<seed>-<hash>`.
+def default_sample_dir(spec: sampler_spec.SamplerSpec, workdir: str) -> str:
+  """`spec.sample_dir`, else `<workdir>/samples/<method>-<steps>-seed<seed>-<hash>`.
 
   The hash covers every image setting, so runs with other settings never meet
   in one directory, and a rerun (or a larger num_samples) finds its own.
   """
-  if config.sampler.sample_dir:
-    return config.sampler.sample_dir
-  settings = image_settings(config)
+  if spec.sample_dir:
+    return spec.sample_dir
+  settings = spec.image_settings()
   digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
   name = f"{settings['method']}-{settings['num_steps']}-seed{settings['seed']}-{digest}"
   return os.path.join(workdir, SAMPLE_DIR, name)
-
-
-def check_sampler_config(config: ml_collections.ConfigDict,
-                         num_devices: Optional[int] = None) -> Optional[int]:
-  """Validates every sampler setting before any compute; returns the NFE per image."""
-  s = config.sampler
-  schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  for name in ("num_samples", "batch_size", "shard_size"):
-    if s[name] < 1:
-      raise ValueError(f"config.sampler.{name} must be >= 1, got {s[name]}")
-  nfe = samplers.nfe(s.method, s.num_steps, num_timesteps=config.diffusion.num_timesteps,
-                     grid=s.grid, index=s.index, eta=s.eta)
-  if num_devices and _is_adaptive(s.method, s.eta) and s.batch_size % num_devices:
-    raise ValueError(f"pf controls its step size over a whole batch: config.sampler.batch_size "
-                     f"({s.batch_size}) must be a multiple of the device count ({num_devices}) "
-                     "so that batches are the same on any number of devices")
-  return nfe
 
 
 def initial_noise(seed: int, indices: jax.Array, image_shape: Sequence[int],
@@ -115,88 +85,86 @@ def initial_noise(seed: int, indices: jax.Array, image_shape: Sequence[int],
   return x_T, sampler_keys
 
 
-def make_generate_fn(model: EpsModel, config: ml_collections.ConfigDict, mesh: Mesh
+def make_generate_fn(model: EpsModel, spec: sampler_spec.SamplerSpec, mesh: Mesh
                      ) -> Callable[[Any, np.ndarray], tuple[jax.Array, jax.Array]]:
   """generate(params, indices) -> (images in [-1, 1], nfe), batch-sharded over `mesh`."""
-  s = config.sampler
-  schedule = schedules.make_schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
-  stochastic = isinstance(samplers.get_method(s.method, s.eta), samplers.Ancestral)
+  stochastic = isinstance(spec.method, samplers.Ancestral)
   batch, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
 
   def generate(params, indices):
-    x_T, keys = initial_noise(s.seed, indices, model.image_shape)
-    x0, info = samplers.sample(lambda x, t: model.apply(params, x, t), x_T, schedule,
-                               method=s.method, num_steps=s.num_steps, index=s.index,
-                               grid=s.grid, rng=keys if stochastic else None, eta=s.eta)
-    return x0, jnp.asarray(info["nfe"])
+    x_T, keys = initial_noise(spec.seed, indices, model.image_shape)
+    x0, nfe = samplers.run_sampler(lambda x, t: model.apply(params, x, t), x_T, spec.method,
+                                   spec.discretization, rng=keys if stochastic else None)
+    return x0, jnp.asarray(nfe)
 
   return jax.jit(generate, in_shardings=(replicated, batch), out_shardings=(batch, replicated))
 
 
 def sample_images(generate: Callable, params: Any, indices: np.ndarray, mesh: Mesh,
-                  batch_size: Optional[int] = None,
-                  bar: Optional[progress.Progress] = None) -> tuple[np.ndarray, Any]:
+                  batch_size: int | None = None,
+                  bar: progress.Progress | None = None) -> tuple[np.ndarray, Any]:
   """uint8 images for `indices` from `generate`, in device batches padded to the mesh.
 
   Every batch is dispatched before any result is fetched, so the devices never
   wait on the host between batches; `bar` advances as each batch arrives.
   """
   batch_size = sharding.round_up(batch_size or len(indices), mesh)
-  chunks = [indices[lo:lo + batch_size] for lo in range(0, len(indices), batch_size)]
-  outputs = [generate(params, sharding.pad_batch(c, batch_size).astype(np.int32))
-             for c in chunks]
+  batches = [indices[lo:lo + batch_size] for lo in range(0, len(indices), batch_size)]
+  outputs = [generate(params, sharding.pad_batch(b, batch_size).astype(np.int32))
+             for b in batches]
   images = []
-  for c, (x0, _) in zip(chunks, outputs):
-    images.append(image_grid.to_uint8(jax.device_get(x0))[:len(c)])
+  for b, (x0, _) in zip(batches, outputs):
+    images.append(image_grid.to_uint8(jax.device_get(x0))[:len(b)])
     if bar is not None:
-      bar.update(len(c))
+      bar.update(len(b))
   return np.concatenate(images), outputs[-1][1]
 
 
-def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_dir: str,
-                     devices: Optional[Sequence[jax.Device]] = None) -> dict[str, Any]:
-  """Makes images 0..config.sampler.num_samples-1 as shards in `sample_dir`; returns a summary.
+def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir: str,
+                     devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+  """Makes images 0..spec.num_samples-1 as chunks in `sample_dir`; returns a summary.
 
-  Resumes: finished shards are verified and kept, bad or short ones remade.
-  Processes sharing the directory claim shards, so each is made once; a shard
+  Resumes: finished chunks are verified and kept, bad or short ones remade.
+  Processes sharing the directory claim chunks, so each is made once; a chunk
   claimed by a dead process is taken over. Each batch is sharded over this
   process's devices (or `devices`) and padded to a multiple of their count.
   The summary (also `summary.json` once the directory is complete) is read
-  back from the shards: what the directory holds, not what was asked.
+  back from the chunks: what the directory holds, not what was asked.
   """
-  s = config.sampler
+  s = spec
   mesh = sharding.batch_mesh(devices or jax.local_devices())
-  check_sampler_config(config, mesh.size)
+  sampler_spec.check_devices(spec, mesh.size)
   settings = sample_store.open_for_writing(sample_dir, dict(
-      image_settings(config), weights=model.source, shard_size=s.shard_size,
+      s.image_settings(), weights=model.source, chunk_size=s.chunk_size,
       num_samples=s.num_samples))
-  generate = make_generate_fn(model, config, mesh)
+  generate = make_generate_fn(model, spec, mesh)
   params = jax.device_put(model.params, sharding.replicated(mesh))  # once, not per batch
 
   todo = []
-  for k in range(sample_store.num_shards(s.shard_size, s.num_samples)):
-    why = sample_store.check_shard(sample_dir, k, s.shard_size, s.num_samples)
-    if why is not None and why.startswith("bad shard"):
-      logging.warning("remaking shard %d: %s", k, why)
+  for k in range(sample_store.num_chunks(s.chunk_size, s.num_samples)):
+    why = sample_store.check_chunk(sample_dir, k, s.chunk_size, s.num_samples)
+    if why is not None and why.startswith("bad chunk"):
+      logging.warning("remaking chunk %d: %s", k, why)
     if why is not None:
       todo.append(k)
   if jax.process_count() > 1:  # start each process at its own share
     start = len(todo) * jax.process_index() // jax.process_count()
     todo = todo[start:] + todo[:start]
-  num_todo = sum(len(sample_store.shard_indices(k, s.shard_size, s.num_samples)) for k in todo)
+  num_todo = sum(len(sample_store.chunk_indices(k, s.chunk_size, s.num_samples)) for k in todo)
   logging.info("sampling into %s: %d of %d images to make with %s, %d steps, on %d device(s)",
-               sample_dir, num_todo, s.num_samples, s.method, s.num_steps, mesh.size)
+               sample_dir, num_todo, s.num_samples, s.method_name, s.discretization.num_steps,
+               mesh.size)
 
   start, made = time.perf_counter(), 0
 
   def make(k: int, bar: progress.Progress) -> None:
     nonlocal made
     try:
-      if sample_store.check_shard(sample_dir, k, s.shard_size, s.num_samples) is None:
+      if sample_store.check_chunk(sample_dir, k, s.chunk_size, s.num_samples) is None:
         return  # another process finished it meanwhile
-      indices = sample_store.shard_indices(k, s.shard_size, s.num_samples)
+      indices = sample_store.chunk_indices(k, s.chunk_size, s.num_samples)
       images, nfe = sample_images(generate, params, indices, mesh, s.batch_size, bar)
-      sample_store.write_shard(sample_dir, k, images, indices,
+      sample_store.write_chunk(sample_dir, k, images, indices,
                                None if nfe is None else int(nfe))
       if s.save_pngs:
         _save_pngs(images, indices, os.path.join(sample_dir, "png"))
@@ -211,17 +179,17 @@ def generate_samples(model: EpsModel, config: ml_collections.ConfigDict, sample_
         make(k, bar)
       else:
         others.append(k)
-    while others:  # shards other processes claimed: wait for them, or take a dead one over
+    while others:  # chunks other processes claimed: wait for them, or take a dead one over
       time.sleep(CLAIM_POLL_SECONDS)
       for k in list(others):
         claim = sample_store.claimant(sample_dir, k)
-        if sample_store.check_shard(sample_dir, k, s.shard_size, s.num_samples) is None:
+        if sample_store.check_chunk(sample_dir, k, s.chunk_size, s.num_samples) is None:
           others.remove(k)
         elif claim is not None and claim.get("host") != socket.gethostname():
-          logging.warning("shard %d is being made on %s; not waiting for it", k, claim["host"])
+          logging.warning("chunk %d is being made on %s; not waiting for it", k, claim["host"])
           others.remove(k)
         elif sample_store.try_claim(sample_dir, k):
-          logging.warning("shard %d: its claimant is gone; making it here", k)
+          logging.warning("chunk %d: its claimant is gone; making it here", k)
           make(k, bar)
           others.remove(k)
 

@@ -1,4 +1,4 @@
-"""Sharded, resumable sample generation and the `main.py --mode=sample` command."""
+"""Sharded, resumable sample generation (`generation`) and the `main.py --mode=sample` command."""
 
 import json
 import os
@@ -12,16 +12,21 @@ import pytest
 from PIL import Image
 
 from configs import gmm_pndm
-from pndm_jax import eps_models, models, sample_store, sampling, sharding
+from pndm_jax import checkpoints, eps_models, generation, models, sample_store, sharding
+from pndm_jax.sampler_spec import from_config as spec_of
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def gmm_config(**sampler):
   config = gmm_pndm.get_config()
-  config.sampler.update(dict(num_samples=21, shard_size=8, batch_size=8, num_steps=10))
+  config.sampler.update(dict(num_samples=21, chunk_size=8, batch_size=8, num_steps=10))
   config.sampler.update(sampler)
   return config
+
+
+def load_model(config):
+  return eps_models.load(config, spec_of(config), "")
 
 
 def sample_dir_of(workdir):
@@ -31,15 +36,15 @@ def sample_dir_of(workdir):
 
 
 def read_all(sample_dir):
-  shards = sorted(f for f in os.listdir(sample_dir) if f.startswith("samples_"))
-  loaded = [np.load(os.path.join(sample_dir, f)) for f in shards]
+  chunks = sorted(f for f in os.listdir(sample_dir) if f.startswith("samples_"))
+  loaded = [np.load(os.path.join(sample_dir, f)) for f in chunks]
   return (np.concatenate([s["images"] for s in loaded]),
           np.concatenate([s["indices"] for s in loaded]))
 
 
-def test_shards_hold_every_image_once(tmp_path):
+def test_chunks_hold_every_image_once(tmp_path):
   config = gmm_config()
-  summary = sampling.generate_samples(eps_models.load(config, ""), config, str(tmp_path))
+  summary = generation.generate_samples(load_model(config), spec_of(config), str(tmp_path))
   images, indices = read_all(tmp_path)
   assert images.dtype == np.uint8 and images.shape == (21, 8, 8, 1)
   assert list(indices) == list(range(21))
@@ -63,7 +68,7 @@ def test_device_count_and_batch_size_invariance_gmm(tmp_path, method):
   runs = []
   for name, devs, batch in [("one", devices[:1], 8), ("eight", devices, 16), ("odd", devices, 5)]:
     config = gmm_config(method=method, batch_size=batch)
-    sampling.generate_samples(eps_models.load(config, ""), config, str(tmp_path / name), devs)
+    generation.generate_samples(load_model(config), spec_of(config), str(tmp_path / name), devs)
     runs.append(read_all(tmp_path / name)[0].astype(int))
   for other in runs[1:]:
     assert np.max(np.abs(other - runs[0])) <= IMAGE_LEVELS
@@ -73,12 +78,12 @@ def test_device_count_and_batch_size_invariance_gmm(tmp_path, method):
 @pytest.mark.parametrize("method", ["f-pndm", "ddpm"])
 def test_float_outputs_agree_across_batch_shapes_and_devices(method):
   config = gmm_config(method=method)
-  model = eps_models.load(config, "")
+  model = load_model(config)
   indices = np.arange(10, 15)
   outputs = []
   for devs, batch in [(jax.devices()[:1], 5), (jax.devices(), 8), (jax.devices()[:2], 16)]:
     mesh = sharding.batch_mesh(devs)
-    generate = sampling.make_generate_fn(model, config, mesh)
+    generate = generation.make_generate_fn(model, spec_of(config), mesh)
     x0, _ = generate(model.params, sharding.pad_batch(indices, batch).astype(np.int32))
     outputs.append(np.asarray(x0)[:len(indices)])
   assert np.abs(outputs[0]).max() > 0.5  # real images, not zeros
@@ -90,79 +95,81 @@ def test_device_count_invariance_unet(tmp_path):
   unet = models.UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                      dropout=0.0, in_channels=1, out_channels=1, image_size=8)
   params = unet.init(jax.random.key(0), np.zeros((1, 8, 8, 1)), np.zeros((1,)))["params"]
-  model = sampling.network_model(unet, params)
-  config = gmm_config(num_samples=16, shard_size=16, num_steps=5, method="ddim")
+  model = generation.network_model(unet, params)
+  config = gmm_config(num_samples=16, chunk_size=16, num_steps=5, method="ddim")
   outs = []
   for name, devs in [("one", jax.devices()[:1]), ("eight", jax.devices())]:
-    sampling.generate_samples(model, config, str(tmp_path / name), devs)
+    generation.generate_samples(model, spec_of(config), str(tmp_path / name), devs)
     outs.append(read_all(tmp_path / name)[0].astype(int))
   assert np.max(np.abs(outs[0] - outs[1])) <= IMAGE_LEVELS
 
 
 def test_interrupted_run_resumes_to_the_same_set(tmp_path, monkeypatch):
   config = gmm_config()
-  model = eps_models.load(config, "")
-  sampling.generate_samples(model, config, str(tmp_path / "straight"))
+  model = load_model(config)
+  generation.generate_samples(model, spec_of(config), str(tmp_path / "straight"))
 
   real_savez, calls = np.savez, []
 
-  def crash_on_second_shard(file, **arrays):
+  def crash_on_second_chunk(file, **arrays):
     calls.append(file)
     if len(calls) == 2:
-      file.write(b"PK\x03\x04 half a shard")
+      file.write(b"PK\x03\x04 half a chunk")
       raise KeyboardInterrupt("killed mid-write")
     real_savez(file, **arrays)
 
-  monkeypatch.setattr(np, "savez", crash_on_second_shard)
+  monkeypatch.setattr(np, "savez", crash_on_second_chunk)
   with pytest.raises(KeyboardInterrupt):
-    sampling.generate_samples(model, config, str(tmp_path / "resumed"))
+    generation.generate_samples(model, spec_of(config), str(tmp_path / "resumed"))
   done = sorted(f for f in os.listdir(tmp_path / "resumed") if f.startswith("samples_"))
   assert done == ["samples_00000.npz"]
   monkeypatch.setattr(np, "savez", real_savez)
-  summary = sampling.generate_samples(model, config, str(tmp_path / "resumed"))
-  assert summary["images_made_now"] == 13  # shards 1 and 2 only
+  summary = generation.generate_samples(model, spec_of(config), str(tmp_path / "resumed"))
+  assert summary["images_made_now"] == 13  # chunks 1 and 2 only
   straight, resumed = read_all(tmp_path / "straight"), read_all(tmp_path / "resumed")
   assert np.array_equal(straight[0], resumed[0]) and np.array_equal(straight[1], resumed[1])
 
 
 def test_other_settings_in_the_same_directory_are_refused(tmp_path):
   config = gmm_config()
-  sampling.generate_samples(eps_models.load(config, ""), config, str(tmp_path))
+  generation.generate_samples(load_model(config), spec_of(config), str(tmp_path))
   before = {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path)}
   other = gmm_config(num_steps=20)
   with pytest.raises(ValueError, match="num_steps"):
-    sampling.generate_samples(eps_models.load(other, ""), other, str(tmp_path))
+    generation.generate_samples(load_model(other), spec_of(other), str(tmp_path))
   assert {f: os.path.getmtime(tmp_path / f) for f in os.listdir(tmp_path)} == before
 
 
-def test_resume_verifies_shards_and_remakes_bad_ones(tmp_path):
+def test_resume_verifies_chunks_and_remakes_bad_ones(tmp_path):
   config = gmm_config()
-  model = eps_models.load(config, "")
-  sampling.generate_samples(model, config, str(tmp_path / "straight"))
-  sampling.generate_samples(model, config, str(tmp_path / "damaged"))
-  shard1, shard2 = (sample_store.shard_path(str(tmp_path / "damaged"), k) for k in (1, 2))
-  with open(shard1, "r+b") as f:
-    f.truncate(100)  # a shard cut short by a full disk or a copy
-  with np.load(shard2) as f:
-    np.savez(shard2, images=f["images"], indices=f["indices"] - 16)  # the wrong images
-  with pytest.raises(sample_store.SampleDirError, match="bad shard .*samples_00001.npz"):
+  model = load_model(config)
+  generation.generate_samples(model, spec_of(config), str(tmp_path / "straight"))
+  generation.generate_samples(model, spec_of(config), str(tmp_path / "damaged"))
+  chunk1, chunk2 = (sample_store.chunk_path(str(tmp_path / "damaged"), k) for k in (1, 2))
+  with open(chunk1, "r+b") as f:
+    f.truncate(100)  # a chunk cut short by a full disk or a copy
+  with np.load(chunk2) as f:
+    np.savez(chunk2, images=f["images"], indices=f["indices"] - 16)  # the wrong images
+  with pytest.raises(sample_store.SampleDirError, match="bad chunk .*samples_00001.npz"):
     sample_store.contents(str(tmp_path / "damaged"))
-  summary = sampling.generate_samples(model, config, str(tmp_path / "damaged"))
-  assert summary["images_made_now"] == 13  # shards 1 and 2 again, shard 0 kept
+  summary = generation.generate_samples(model, spec_of(config), str(tmp_path / "damaged"))
+  assert summary["images_made_now"] == 13  # chunks 1 and 2 again, chunk 0 kept
   straight, repaired = read_all(tmp_path / "straight"), read_all(tmp_path / "damaged")
   assert np.array_equal(straight[0], repaired[0]) and np.array_equal(straight[1], repaired[1])
 
 
 def test_num_samples_can_grow_and_shrink(tmp_path):
-  model = eps_models.load(gmm_config(), "")
-  sampling.generate_samples(model, gmm_config(num_samples=30), str(tmp_path / "straight"))
-  sampling.generate_samples(model, gmm_config(num_samples=21), str(tmp_path / "grown"))
-  summary = sampling.generate_samples(model, gmm_config(num_samples=30), str(tmp_path / "grown"))
-  assert summary["images_made_now"] == 14  # the short shard 2 made whole, then shard 3
+  model = load_model(gmm_config())
+  make = lambda n, name: generation.generate_samples(model, spec_of(gmm_config(num_samples=n)),
+                                                     str(tmp_path / name))
+  make(30, "straight")
+  make(21, "grown")
+  summary = make(30, "grown")
+  assert summary["images_made_now"] == 14  # the short chunk 2 made whole, then chunk 3
   assert summary["num_images"] == 30 and summary["complete"]
   straight, grown = read_all(tmp_path / "straight"), read_all(tmp_path / "grown")
   assert np.array_equal(straight[0], grown[0]) and np.array_equal(straight[1], grown[1])
-  summary = sampling.generate_samples(model, gmm_config(num_samples=10), str(tmp_path / "grown"))
+  summary = make(10, "grown")
   assert summary["images_made_now"] == 0 and summary["num_images"] == 10
   assert json.load(open(tmp_path / "grown" / "sampling.json"))["num_samples"] == 30
 
@@ -173,7 +180,7 @@ def test_a_dead_processs_claim_is_taken_over(tmp_path):
                         capture_output=True, text=True, check=True)
   with open(tmp_path / "samples_00001.claim", "w") as f:
     json.dump({"host": socket.gethostname(), "pid": int(dead.stdout)}, f)
-  summary = sampling.generate_samples(eps_models.load(config, ""), config, str(tmp_path))
+  summary = generation.generate_samples(load_model(config), spec_of(config), str(tmp_path))
   assert summary["images_made_now"] == 21 and summary["complete"]
   assert not [f for f in os.listdir(tmp_path) if f.endswith(".claim")]
 
@@ -181,8 +188,8 @@ def test_a_dead_processs_claim_is_taken_over(tmp_path):
 def test_missing_checkpoint_says_how_to_get_one(tmp_path):
   config = gmm_config()
   config.model.name = "unet"
-  with pytest.raises(eps_models.MissingCheckpointError, match="(?s)--mode=train.*--mode=convert"):
-    eps_models.load(config, str(tmp_path))
+  with pytest.raises(checkpoints.CheckpointError, match="(?s)--mode=train.*--mode=convert"):
+    eps_models.load(config, spec_of(config), str(tmp_path))
 
 
 # --- main.py end to end ---
@@ -260,10 +267,24 @@ def test_main_convert_then_sample_a_diffusers_folder(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (["--config.sampler.method=dpm-solver"], "valid choices: ddpm, ddim, s-pndm, f-pndm"),
-    (["--mode=render"], "valid modes: train, sample, convert"),
+    (["--mode=render"], "one of <train|sample|convert|stats|eval>"),
     (["--config.sampler.num_steps=2"], "at least 4 steps"),
 ])
 def test_main_rejects_bad_input_before_any_compute(tmp_path, args, message):
   result = run_main("--config=configs/gmm_pndm.py", f"--workdir={tmp_path}", *args)
   assert result.returncode != 0 and message in result.stderr
   assert not (tmp_path / "samples").exists()
+
+
+def test_every_image_setting_gets_its_own_default_directory():
+  base = gmm_config(method="ddim")
+  dirs = {generation.default_sample_dir(spec_of(base), "w")}
+  for change in [dict(eta=0.5), dict(eta=1.0), dict(num_steps=20), dict(seed=1),
+                 dict(convention="consistent"), dict(method="DDIM", num_steps=5)]:
+    config = gmm_config(method="ddim")
+    config.sampler.update(change)
+    dirs.add(generation.default_sample_dir(spec_of(config), "w"))
+  assert len(dirs) == 7  # "DDIM" at 5 steps is "ddim" at 5 steps: a new directory for the steps
+  assert spec_of(gmm_config(method="ddim", eta=0.5)).image_settings()["eta"] == 0.5
+  assert (generation.default_sample_dir(spec_of(gmm_config(method="DDIM")), "w")
+          == generation.default_sample_dir(spec_of(gmm_config(method="ddim")), "w"))

@@ -1,0 +1,97 @@
+"""The sampler spec: what determines a run's images, made and validated once from the config.
+
+`from_config` is the only place that reads `config.sampler` / `config.diffusion`
+strings; sampling, the CLI, evaluation records and experiments take the
+resulting frozen value (vdm's "typed config at the boundary").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import ml_collections
+
+from pndm_jax import samplers, schedules
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSpec:
+  """A validated sampling run: the method and grid, the images' seed, and which weights."""
+
+  method_name: str      # as configured, lower-cased: names sample directories
+  method: samplers.Method
+  discretization: schedules.Discretization
+  eta: float            # ddim's stochasticity (0: deterministic)
+  seed: int
+  num_samples: int
+  batch_size: int
+  chunk_size: int
+  save_pngs: bool
+  sample_dir: str       # "" = the default under the workdir
+  model: dict[str, Any]  # config.model: the network (or analytic model) asked for
+  checkpoint: str
+  checkpoint_step: int  # -1: the latest
+  checkpoint_list_entry: int
+
+  @property
+  def nfe(self) -> int | None:
+    """Model evaluations per image (None: probability flow adapts its steps)."""
+    return self.method.num_evals(self.discretization)
+
+  @property
+  def adaptive(self) -> bool:
+    return isinstance(self.method, samplers.ProbabilityFlow)
+
+  def image_settings(self) -> dict[str, Any]:
+    """The settings that determine the images (not how many there are), as JSON values.
+
+    They name the default sample directory and are recorded in it. Probability
+    flow controls its step size over a whole batch, so there the batch size counts too.
+    """
+    d = self.discretization
+    settings = dict(method=self.method_name, num_steps=d.num_steps, convention=d.convention,
+                    spacing=d.spacing, eta=self.eta, seed=self.seed,
+                    schedule=d.schedule.name, num_timesteps=d.schedule.num_timesteps,
+                    model=self.model, checkpoint=self.checkpoint,
+                    checkpoint_step=self.checkpoint_step,
+                    checkpoint_list_entry=self.checkpoint_list_entry)
+    if self.adaptive:
+      settings["batch_size"] = self.batch_size
+    return settings
+
+
+def from_config(config: ml_collections.ConfigDict, num_devices: int | None = None
+                ) -> SamplerSpec:
+  """The spec of `config.sampler` / `config.diffusion`; a ValueError names any bad setting.
+
+  With `num_devices`, probability flow's batch size must be a multiple of it, so
+  that its batches are the same on any number of devices.
+  """
+  s, d = config.sampler, config.diffusion
+  for name in ("num_samples", "batch_size", "chunk_size"):
+    if s[name] < 1:
+      raise ValueError(f"config.sampler.{name} must be >= 1, got {s[name]}")
+  method = samplers.get_method(s.method, s.eta)
+  discretization = schedules.Discretization(
+      schedules.Schedule(d.schedule, d.num_timesteps), s.num_steps, spacing=s.spacing,
+      convention=s.convention)
+  spec = SamplerSpec(
+      method_name=s.method.lower(), method=method, discretization=discretization,
+      eta=float(s.eta), seed=s.seed,
+      num_samples=s.num_samples, batch_size=s.batch_size, chunk_size=s.chunk_size,
+      save_pngs=bool(s.save_pngs), sample_dir=s.sample_dir, model=config.model.to_dict(),
+      checkpoint=s.checkpoint, checkpoint_step=s.checkpoint_step,
+      checkpoint_list_entry=s.checkpoint_list_entry)
+  method.num_evals(discretization)  # raises if the method needs more steps
+  if num_devices:
+    check_devices(spec, num_devices)
+  return spec
+
+
+def check_devices(spec: SamplerSpec, num_devices: int) -> None:
+  """Probability flow's batches must not depend on the device count (it pads to a multiple)."""
+  if spec.adaptive and spec.batch_size % num_devices:
+    raise ValueError(f"pf controls its step size over a whole batch: config.sampler.batch_size "
+                     f"({spec.batch_size}) must be a multiple of the device count "
+                     f"({num_devices}) so that batches are the same on any number of devices")
