@@ -105,19 +105,18 @@ def sample_images(generate: Callable, params: Any, indices: np.ndarray, mesh: Me
                   bar: progress.Progress | None = None) -> tuple[np.ndarray, Any]:
   """uint8 images for `indices` from `generate`, in device batches padded to the mesh.
 
-  Every batch is dispatched before any result is fetched, so the devices never
-  wait on the host between batches; `bar` advances as each batch arrives.
+  Each batch is dispatched before the previous one is fetched (`sharding.map_padded`),
+  so the devices do not wait on the host; `bar` advances as each batch arrives.
   """
   batch_size = sharding.round_up(batch_size or len(indices), mesh)
-  batches = [indices[lo:lo + batch_size] for lo in range(0, len(indices), batch_size)]
-  outputs = [generate(params, sharding.pad_batch(b, batch_size).astype(np.int32))
-             for b in batches]
-  images = []
-  for b, (x0, _) in zip(batches, outputs):
-    images.append(image_grid.to_uint8(jax.device_get(x0))[:len(b)])
+  run = lambda batch: generate(params, batch.astype(np.int32))
+  images, nfes = [], []
+  for (x0, nfe), valid in sharding.map_padded(run, [indices], batch_size):
+    images.append(image_grid.to_uint8(jax.device_get(x0))[:valid])
+    nfes.append(nfe)
     if bar is not None:
-      bar.update(len(b))
-  return np.concatenate(images), outputs[-1][1]
+      bar.update(valid)
+  return np.concatenate(images), nfes[-1]
 
 
 def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir: str,

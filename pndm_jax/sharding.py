@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -35,3 +36,24 @@ def round_up(batch_size: int, mesh: Mesh) -> int:
 def pad_batch(batch: np.ndarray, size: int) -> np.ndarray:
   """Pads axis 0 to `size` by repeating the last entry (callers drop the padding)."""
   return np.pad(batch, [(0, size - len(batch))] + [(0, 0)] * (batch.ndim - 1), mode="edge")
+
+
+def map_padded(fn: Callable[[np.ndarray], Any], arrays: Iterable[np.ndarray], batch_size: int
+               ) -> Iterator[tuple[Any, int]]:
+  """(fn(batch), rows that are real) for every `batch_size` rows of `arrays`, in order.
+
+  Each batch is padded to exactly `batch_size` (one compiled shape) and
+  dispatched before the previous output is handed on, so the host's work on
+  that output overlaps the devices computing the next (JAX dispatch is
+  asynchronous). Sampling and feature extraction both run their batches so.
+  """
+  pending = None
+  for array in arrays:
+    for lo in range(0, len(array), batch_size):
+      batch = array[lo:lo + batch_size]
+      out = fn(pad_batch(batch, batch_size))
+      if pending is not None:
+        yield pending
+      pending = (out, len(batch))
+  if pending is not None:
+    yield pending

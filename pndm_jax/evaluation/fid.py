@@ -55,24 +55,17 @@ class ShardedFeatureExtractor:
                           out_shardings=self._data_sharding)
 
   def map_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """Features of a stream of image batches, one array per device batch, in
-    order. Each device batch is dispatched before the previous one's features
-    are fetched, so host work on those overlaps device compute."""
-    pending = None
-    for images in batches:
-      images = np.asarray(images)
-      if images.dtype != np.uint8:
-        images = images.astype(np.float32)
-      for start in range(0, len(images), self.batch_size):
-        batch = images[start:start + self.batch_size]
-        valid = len(batch)
-        batch = sharding.pad_batch(batch, self.batch_size)
-        out = self._apply(self._variables, jax.device_put(batch, self._data_sharding))
-        if pending is not None:
-          yield np.asarray(pending[0])[:pending[1]]
-        pending = (out, valid)
-    if pending is not None:
-      yield np.asarray(pending[0])[:pending[1]]
+    """Features of a stream of image batches, one array per device batch, in order
+    (see `sharding.map_padded`: host work overlaps device compute)."""
+
+    def extract(batch: np.ndarray) -> jax.Array:
+      return self._apply(self._variables, jax.device_put(batch, self._data_sharding))
+
+    as_input = lambda images: (images if images.dtype == np.uint8
+                               else images.astype(np.float32))
+    stream = (as_input(np.asarray(images)) for images in batches)
+    for features, valid in sharding.map_padded(extract, stream, self.batch_size):
+      yield np.asarray(features)[:valid]
 
   def __call__(self, images: np.ndarray) -> np.ndarray:
     """(N, ...) images -> (N, dim) features."""
