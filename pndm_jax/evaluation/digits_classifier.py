@@ -1,15 +1,13 @@
 """A small CNN on scikit-learn's 8x8 digits whose features give "FD-digits".
 
-The digits model has no Inception statistics (and Inception features of 8x8
-grey digits would be meaningless), so its samples are scored with the same
-Frechet machinery on the 64-d penultimate features of this classifier.
-FD-digits values are only comparable when made with the same params file (its
-SHA-256 is recorded); they are not FID.
+The digits model has no Inception statistics (and Inception features of 8x8 grey digits would be
+meaningless), so its samples are scored with the same Frechet machinery on the 64-d penultimate
+features of this classifier. FD-digits values are only comparable when made with the same params
+file (its SHA-256 is recorded); they are not FID.
 
-Inputs: (N, H, W) or (N, H, W, 1) images, uint8 in [0, 255] or float in
-[-1, 1]; anything but 8x8 is resized to 8x8 (linear, antialiased) at the
-boundary, so 16x16 digit samples (digits resized up) are accepted too; digits
-padded onto a larger canvas would be shrunk, not cropped. The training data is
+Inputs: (N, H, W) or (N, H, W, 1) images, uint8 in [0, 255] or float in [-1, 1]; anything but 8x8 is
+resized to 8x8 (linear, antialiased) at the boundary, so 16x16 digit samples (digits resized up) are
+accepted too; digits padded onto a larger canvas would be shrunk, not cropped. The training data is
 `sklearn.datasets.load_digits` (pixel values 0..16) scaled to [-1, 1].
 """
 
@@ -39,9 +37,9 @@ Params = dict
 class DigitsCNN(nn.Module):
   """conv3x3(16) - avgpool2 - conv3x3(32) - dense(64) [features] - relu - dense(10).
 
-  Tiny on purpose: it trains in seconds on a CPU and still reaches ~98%
-  held-out accuracy. The features are the dense(64) pre-activations, which
-  (unlike post-ReLU ones) have no dead, zero-variance coordinates.
+  Tiny on purpose: it trains in seconds on a CPU and still reaches ~98% held-out accuracy. The
+  features are the dense(64) pre-activations, which (unlike post-ReLU ones) have no dead,
+  zero-variance coordinates.
   """
 
   @nn.compact
@@ -79,8 +77,7 @@ def logits(params: Params, images: jax.Array) -> jax.Array:
   return DigitsCNN().apply({"params": params}, preprocess(images))[1]
 
 
-def digits_split() -> tuple[tuple[np.ndarray, np.ndarray],
-                            tuple[np.ndarray, np.ndarray]]:
+def digits_split() -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
   """A fixed (train, held-out) split of the digits, 80% / 20%."""
   x, y = input_pipeline.digits_with_labels()
   order = np.random.default_rng(SPLIT_SEED).permutation(len(x))
@@ -89,8 +86,8 @@ def digits_split() -> tuple[tuple[np.ndarray, np.ndarray],
   return (x[train], y[train]), (x[test], y[test])
 
 
-def train_digits_classifier(seed: int = 0, num_steps: int = 400,
-                            batch_size: int = 64, lr: float = 3e-3) -> Params:
+def train_digits_classifier(seed: int = 0, num_steps: int = 400, batch_size: int = 64,
+                            lr: float = 3e-3) -> Params:
   """Trains the classifier on the training split (seconds on a CPU)."""
   (x, y), _ = digits_split()
   x, y = jnp.asarray(x), jnp.asarray(y)
@@ -110,8 +107,7 @@ def train_digits_classifier(seed: int = 0, num_steps: int = 400,
     return (optax.apply_updates(p, updates), opt_state), None
 
   keys = jax.random.split(data_key, num_steps)
-  (params, _), _ = jax.jit(lambda c, k: jax.lax.scan(step, c, k))(
-      (params, tx.init(params)), keys)
+  (params, _), _ = jax.jit(lambda c, k: jax.lax.scan(step, c, k))((params, tx.init(params)), keys)
   return jax.tree.map(np.asarray, params)
 
 
@@ -144,11 +140,10 @@ def load_digits_classifier(path: str) -> Params:
 
 
 def load_or_train_digits_classifier(path: str, seed: int = 0) -> Params:
-  """Loads `path`, or trains with `seed` and saves there so every later
-  statistics/evaluation run uses the very same classifier."""
+  """Loads `path`, or trains with `seed` and saves there so every later statistics/evaluation run
+  uses the very same classifier."""
   if not path:
-    raise ValueError("FD-digits needs a classifier params path (it is created "
-                     "on first use)")
+    raise ValueError("FD-digits needs a classifier params path (it is created on first use)")
   if os.path.isfile(path):
     return load_digits_classifier(path)
   logging.info("training the FD-digits classifier (seed %d) -> %s", seed, path)

@@ -1,16 +1,15 @@
 """Frechet distances between feature statistics: FID and FD-digits.
 
-Pipeline: images -> features (jitted, batch-sharded over all devices) ->
-streaming float64 mean/covariance on the host -> `.npz` with `mu`/`sigma`
-(pytorch-fid's statistics format) -> Frechet distance in float64.
+Pipeline: images -> features (jitted, batch-sharded over all devices) -> streaming float64
+mean/covariance on the host -> `.npz` with `mu`/`sigma` (pytorch-fid's statistics format) -> Frechet
+distance in float64.
 
 Two feature extractors share the machinery (`metric`):
-  * "fid": pytorch-fid's Inception-v3 pool features (`inception.py`); numbers
-    are comparable with published FIDs only with pytorch-fid's weights and
-    statistics made by the same network.
-  * "fd_digits": penultimate features of the project's digits classifier
-    (`digits_classifier.py`), for the digits model that has no Inception
-    statistics. It is not FID and must never be reported as such.
+  * "fid": pytorch-fid's Inception-v3 pool features (`inception.py`); numbers are comparable with
+    published FIDs only with pytorch-fid's weights and statistics made by the same network.
+  * "fd_digits": penultimate features of the project's digits classifier (`digits_classifier.py`),
+    for the digits model that has no Inception statistics. It is not FID and must never be reported
+    as such.
 """
 
 from __future__ import annotations
@@ -37,16 +36,14 @@ Images = np.ndarray | Iterable[np.ndarray]
 class ShardedFeatureExtractor:
   """Runs `apply_fn(variables, images) -> features` over all `devices`.
 
-  The batch axis is sharded over a 1-D mesh and the variables are replicated.
-  Calls accept any number of host images: they are cut into batches of
-  `batch_size` (rounded up to a multiple of the device count), the last batch
-  padded with zeros, and exactly one feature row per input image is returned.
-  Single process: the images come from this host's memory.
+  The batch axis is sharded over a 1-D mesh and the variables are replicated. Calls accept any
+  number of host images: they are cut into batches of `batch_size` (rounded up to a multiple of the
+  device count), the last batch padded with zeros, and exactly one feature row per input image is
+  returned. Single process: the images come from this host's memory.
   """
 
-  def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array],
-               variables: Any, batch_size: int,
-               devices: Sequence[jax.Device] | None = None):
+  def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
+               batch_size: int, devices: Sequence[jax.Device] | None = None):
     mesh = sharding.batch_mesh(devices)
     self.batch_size = sharding.round_up(batch_size, mesh)
     self._data_sharding = sharding.batch_sharding(mesh)
@@ -55,14 +52,13 @@ class ShardedFeatureExtractor:
                           out_shardings=self._data_sharding)
 
   def map_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
-    """Features of a stream of image batches, one array per device batch, in order
-    (see `sharding.map_padded`: host work overlaps device compute)."""
+    """Features of a stream of image batches, one array per device batch, in order (see
+    `sharding.map_padded`: host work overlaps device compute)."""
 
     def extract(batch: np.ndarray) -> jax.Array:
       return self._apply(self._variables, jax.device_put(batch, self._data_sharding))
 
-    as_input = lambda images: (images if images.dtype == np.uint8
-                               else images.astype(np.float32))
+    as_input = lambda images: (images if images.dtype == np.uint8 else images.astype(np.float32))
     stream = (as_input(np.asarray(images)) for images in batches)
     for features, valid in sharding.map_padded(extract, stream, self.batch_size):
       yield np.asarray(features)[:valid]
@@ -75,25 +71,21 @@ class ShardedFeatureExtractor:
 
 
 def inception_feature_fn(weights_path: str, batch_size: int = 200,
-                         devices: Sequence[jax.Device] | None = None
-                         ) -> ShardedFeatureExtractor:
+                         devices: Sequence[jax.Device] | None = None) -> ShardedFeatureExtractor:
   """FID features: pytorch-fid's Inception pool3 (2048-d) from a weights file."""
   module, variables = inception.load_inception(weights_path)
   return ShardedFeatureExtractor(module.apply, variables, batch_size, devices)
 
 
 def digits_feature_fn(params_path: str, batch_size: int = 512,
-                      devices: Sequence[jax.Device] | None = None
-                      ) -> ShardedFeatureExtractor:
+                      devices: Sequence[jax.Device] | None = None) -> ShardedFeatureExtractor:
   """FD-digits features; trains and caches the classifier if the file is absent."""
   params = digits_classifier.load_or_train_digits_classifier(params_path)
-  return ShardedFeatureExtractor(digits_classifier.features, params, batch_size,
-                                 devices)
+  return ShardedFeatureExtractor(digits_classifier.features, params, batch_size, devices)
 
 
 def feature_fn_for(metric: str, weights_file: str, batch_size: int,
-                   devices: Sequence[jax.Device] | None = None
-                   ) -> ShardedFeatureExtractor:
+                   devices: Sequence[jax.Device] | None = None) -> ShardedFeatureExtractor:
   """The extractor of `metric` ("fid" or "fd_digits") from its weights file."""
   if choices.check("metric", metric, METRICS) == "fid":
     return inception_feature_fn(weights_file, batch_size, devices)
@@ -103,8 +95,8 @@ def feature_fn_for(metric: str, weights_file: str, batch_size: int,
 class RunningStats:
   """Streaming mean and covariance in float64 (Chan et al.'s pairwise merge).
 
-  Merging per-batch centred moments avoids the cancellation of accumulating
-  raw second moments; the result equals `np.mean(x, 0)`, `np.cov(x, rowvar=False)`.
+  Merging per-batch centred moments avoids the cancellation of accumulating raw second moments; the
+  result equals `np.mean(x, 0)`, `np.cov(x, rowvar=False)`.
   """
 
   def __init__(self):
@@ -138,10 +130,9 @@ class RunningStats:
     return self._mean.copy(), self._scatter / (self.count - 1)
 
 
-def _rebatch(batches: Iterable[np.ndarray], size: int | None
-             ) -> Iterator[np.ndarray]:
-  """Regroups a stream of image batches into batches of exactly `size` (the
-  last one possibly smaller), so only the very last device batch is padded."""
+def _rebatch(batches: Iterable[np.ndarray], size: int | None) -> Iterator[np.ndarray]:
+  """Regroups a stream of image batches into batches of exactly `size` (the last one possibly
+  smaller), so only the very last device batch is padded."""
   pending, held = [], 0
   for batch in batches:
     batch = np.asarray(batch)
@@ -161,8 +152,7 @@ def _rebatch(batches: Iterable[np.ndarray], size: int | None
     yield np.concatenate(pending)
 
 
-def _take(batches: Iterable[np.ndarray], limit: int | None
-          ) -> Iterator[np.ndarray]:
+def _take(batches: Iterable[np.ndarray], limit: int | None) -> Iterator[np.ndarray]:
   """The first `limit` images (all if None) of a stream of batches."""
   if limit is not None and limit <= 0:
     return
@@ -181,10 +171,9 @@ def accumulate_features(images: Images, feature_fn: FeatureFn, *,
                         num_images: int | None = None) -> RunningStats:
   """Streams `images` through `feature_fn` into a `RunningStats`.
 
-  `images` is one (N, H, W, C) array or an iterable of such batches (e.g. a
-  dataset iterator; uint8, or float in [-1, 1]). With `num_images` exactly that
-  many images are used (an infinite iterator is fine); fewer available images
-  is an error, not a silently smaller sample.
+  `images` is one (N, H, W, C) array or an iterable of such batches (e.g. a dataset iterator; uint8,
+  or float in [-1, 1]). With `num_images` exactly that many images are used (an infinite iterator is
+  fine); fewer available images is an error, not a silently smaller sample.
   """
   if isinstance(images, (np.ndarray, jax.Array)):
     images = [np.asarray(images)]
@@ -202,8 +191,7 @@ def accumulate_features(images: Images, feature_fn: FeatureFn, *,
 
 
 def compute_stats_from_images(images: Images, feature_fn: FeatureFn, *,
-                              num_images: int | None = None,
-                              ) -> tuple[np.ndarray, np.ndarray]:
+                              num_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
   """(mu, sigma) of the features of `images` (see `accumulate_features`)."""
   stats = accumulate_features(images, feature_fn, num_images=num_images)
   logging.info("feature statistics over %d images", stats.count)
@@ -213,8 +201,8 @@ def compute_stats_from_images(images: Images, feature_fn: FeatureFn, *,
 def check_stats_destination(path: str, overwrite: bool = False) -> None:
   """Raises before any compute if statistics cannot be written to `path` as asked.
 
-  An existing file is kept unless `overwrite`: it may be the reference an
-  evaluation reads. The directory is probed with a temporary file.
+  An existing file is kept unless `overwrite`: it may be the reference an evaluation reads. The
+  directory is probed with a temporary file.
   """
   if os.path.isdir(path):
     raise ValueError(f"config.eval.stats_file={path!r} is a directory; give a .npz file path")
@@ -252,8 +240,8 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
   """Reads `mu`, `sigma` from a statistics `.npz` (ours or pytorch-fid's)."""
   if not path or not os.path.isfile(path):
     raise FileNotFoundError(
-        f"statistics file {path!r} not found (config.eval.stats_file); make it "
-        "with main.py --mode=stats")
+        f"statistics file {path!r} not found (config.eval.stats_file); make it with main.py "
+        "--mode=stats")
   with np.load(path) as f:
     missing = {"mu", "sigma"} - set(f.files)
     if missing:
@@ -265,34 +253,33 @@ def load_stats(path: str) -> tuple[np.ndarray, np.ndarray]:
 
 def _check_stats(mu: np.ndarray, sigma: np.ndarray, where: str) -> None:
   if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2:
-    raise ValueError(f"{where}: mu must be (d,) and sigma (d, d), got "
-                     f"{mu.shape} and {sigma.shape}")
+    raise ValueError(f"{where}: mu must be (d,) and sigma (d, d), got {mu.shape} and "
+                     f"{sigma.shape}")
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray,
-                     sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
+                     eps: float = 1e-6) -> float:
   """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2}) in float64.
 
-  As pytorch-fid: if the square root of the product is not finite (singular
-  product), `eps * I` is added to both covariances; small imaginary parts from
-  round-off are dropped, large ones (diagonal |imag| > 1e-3) are an error.
+  As pytorch-fid: if the square root of the product is not finite (singular product), `eps * I` is
+  added to both covariances; small imaginary parts from round-off are dropped, large ones (diagonal
+  |imag| > 1e-3) are an error.
   """
   mu1, mu2 = np.atleast_1d(mu1).astype(np.float64), np.atleast_1d(mu2).astype(np.float64)
   s1, s2 = np.atleast_2d(sigma1).astype(np.float64), np.atleast_2d(sigma2).astype(np.float64)
   if mu1.shape != mu2.shape or s1.shape != s2.shape:
-    raise ValueError(f"statistics differ in dimension: mu {mu1.shape} vs "
-                     f"{mu2.shape}, sigma {s1.shape} vs {s2.shape}")
+    raise ValueError(f"statistics differ in dimension: mu {mu1.shape} vs {mu2.shape}, sigma "
+                     f"{s1.shape} vs {s2.shape}")
   diff = mu1 - mu2
   covmean = linalg.sqrtm(s1 @ s2)
   if not np.isfinite(covmean).all():
-    logging.warning("singular product of covariances; adding %g to the "
-                    "diagonals", eps)
+    logging.warning("singular product of covariances; adding %g to the diagonals", eps)
     offset = np.eye(s1.shape[0]) * eps
     covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
   if np.iscomplexobj(covmean):
     if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
-      raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in "
-                       "the covariance square root")
+      raise ValueError(f"imaginary component {np.max(np.abs(covmean.imag))} in the covariance "
+                       "square root")
     covmean = covmean.real
   return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
@@ -306,21 +293,18 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str,
-                        out_json: str, *, metric: str = "fid", batch_size: int = 200,
-                        num_images: int | None = None, allow_subset: bool = False,
-                        devices: Sequence[jax.Device] | None = None
-                        ) -> dict[str, Any]:
+def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str, out_json: str, *,
+                        metric: str = "fid", batch_size: int = 200, num_images: int | None = None,
+                        allow_subset: bool = False,
+                        devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
   """Frechet distance of images 0..num_images-1 of `sample_dir` to `stats_file`.
 
-  `weights_file` is the Inception weights for "fid" or the digits-classifier
-  params for "fd_digits". The images are read from verified chunks (a bad one
-  is named); fewer than `num_images` (default: the directory's own
-  num_samples) is an error unless `allow_subset`. Writes and returns a JSON
-  record of what was scored, read from the data: the value (under the
-  metric's name), the image count and index range, whether that is a subset,
-  the directory's sampler settings and the NFE its chunks record, and both
-  files' paths and SHA-256.
+  `weights_file` is the Inception weights for "fid" or the digits-classifier params for "fd_digits".
+  The images are read from verified chunks (a bad one is named); fewer than `num_images` (default:
+  the directory's own num_samples) is an error unless `allow_subset`. Writes and returns a JSON
+  record of what was scored, read from the data: the value (under the metric's name), the image
+  count and index range, whether that is a subset, the directory's sampler settings and the NFE its
+  chunks record, and both files' paths and SHA-256.
   """
   choices.check("metric", metric, METRICS)
   ref_mu, ref_sigma = load_stats(stats_file)
@@ -330,11 +314,11 @@ def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str,
     stats = accumulate_features(progress.track(held.images(), bar), feature_fn)
   mu, sigma = stats.finalize()
   if mu.shape != ref_mu.shape:
-    raise ValueError(f"{metric} features are {mu.shape[0]}-d but {stats_file} "
-                     f"holds {ref_mu.shape[0]}-d statistics")
+    raise ValueError(f"{metric} features are {mu.shape[0]}-d but {stats_file} holds "
+                     f"{ref_mu.shape[0]}-d statistics")
   if stats.count < mu.shape[0]:
-    logging.warning("%d images for %d-d features: the covariance is singular "
-                    "and the distance is biased high", stats.count, mu.shape[0])
+    logging.warning("%d images for %d-d features: the covariance is singular and the distance is "
+                    "biased high", stats.count, mu.shape[0])
   record = {
       metric: frechet_distance(mu, sigma, ref_mu, ref_sigma),
       "metric": metric,
@@ -353,6 +337,5 @@ def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str,
   }
   os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
   files.write_json_atomically(out_json, record)
-  logging.info("%s = %.4f over %d images -> %s", metric, record[metric],
-               stats.count, out_json)
+  logging.info("%s = %.4f over %d images -> %s", metric, record[metric], stats.count, out_json)
   return record

@@ -1,23 +1,21 @@
 """pytorch-fid's Inception-v3 (the 2015-12-05 TensorFlow graph) in Flax, NHWC.
 
-FID numbers are only comparable when they come from this exact network:
-pytorch-fid rebuilds torchvision's Inception3 with FID-specific blocks
-(`FIDInceptionA/C/E_1/E_2`: average pools that ignore the padding, and a max
-pool in the last block, as the TF graph has), bilinearly resizes every input to
-299x299 (`align_corners=False`, no antialiasing) and returns the 2048-d global
-average pool of `Mixed_7c`. This module reproduces that graph; submodule names
-follow the PyTorch attribute names so weights map one to one.
+FID numbers are only comparable when they come from this exact network: pytorch-fid rebuilds
+torchvision's Inception3 with FID-specific blocks (`FIDInceptionA/C/E_1/E_2`: average pools that
+ignore the padding, and a max pool in the last block, as the TF graph has), bilinearly resizes every
+input to 299x299 (`align_corners=False`, no antialiasing) and returns the 2048-d global average pool
+of `Mixed_7c`. This module reproduces that graph; submodule names follow the PyTorch attribute names
+so weights map one to one.
 
 Weights are never downloaded. Two files are accepted (see `load_inception`):
-  * pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` state_dict (needs
-    torch, imported only then): `<layer>.conv.weight` (O, I, kh, kw),
-    `<layer>.bn.{weight,bias,running_mean,running_var}`; optional
-    `<layer>.bn.num_batches_tracked` and the unused classifier `fc.{weight,bias}`.
+  * pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` state_dict (needs torch, imported only
+    then): `<layer>.conv.weight` (O, I, kh, kw),
+    `<layer>.bn.{weight,bias,running_mean,running_var}`; optional `<layer>.bn.num_batches_tracked`
+    and the unused classifier `fc.{weight,bias}`.
   * the Flax pickle of the JAX FID ports (matthias-wright/jax-fid,
-    `inception_v3_weights_fid.pickle`): a nested dict
-    `{layer: {branch: {"conv": {"kernel": (kh, kw, I, O)},
-    "bn": {"scale", "bias", "mean", "var"}}}}` (stem layers have no branch
-    level); optional all-zero `conv.bias` and the unused `fc.{kernel,bias}`.
+    `inception_v3_weights_fid.pickle`): a nested dict `{layer: {branch: {"conv": {"kernel":
+    (kh, kw, I, O)}, "bn": {"scale", "bias", "mean", "var"}}}}` (stem layers have no branch level);
+    optional all-zero `conv.bias` and the unused `fc.{kernel,bias}`.
 `<layer>` is e.g. `Conv2d_1a_3x3` or `Mixed_5b.branch1x1`.
 """
 
@@ -47,8 +45,8 @@ Variables = dict[str, Any]
 class BasicConv2d(nn.Module):
   """torchvision's BasicConv2d: bias-free conv, BatchNorm(eps=1e-3), ReLU.
 
-  Convolutions run at HIGHEST precision so accelerators compute the float32
-  network pytorch-fid's statistics were made with (no TF32/bf16 passes).
+  Convolutions run at HIGHEST precision so accelerators compute the float32 network pytorch-fid's
+  statistics were made with (no TF32/bf16 passes).
   """
 
   features: int
@@ -59,17 +57,15 @@ class BasicConv2d(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ph, pw = self.padding
-    x = nn.Conv(self.features, self.kernel, strides=self.stride,
-                padding=((ph, ph), (pw, pw)), use_bias=False,
-                precision=jax.lax.Precision.HIGHEST, name="conv")(x)
+    x = nn.Conv(self.features, self.kernel, strides=self.stride, padding=((ph, ph), (pw, pw)),
+                use_bias=False, precision=jax.lax.Precision.HIGHEST, name="conv")(x)
     x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
 
 def _avg_pool_3x3(x: jax.Array) -> jax.Array:
   """3x3/1 average pool, padding 1, padded zeros not counted (FID blocks)."""
-  return nn.avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)),
-                     count_include_pad=False)
+  return nn.avg_pool(x, (3, 3), (1, 1), ((1, 1), (1, 1)), count_include_pad=False)
 
 
 def _max_pool_3x3(x: jax.Array) -> jax.Array:
@@ -94,8 +90,7 @@ class FIDInceptionA(nn.Module):
     b3 = BasicConv2d(64, (1, 1), name="branch3x3dbl_1")(x)
     b3 = BasicConv2d(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
     b3 = BasicConv2d(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
-    bp = BasicConv2d(self.pool_features, (1, 1),
-                     name="branch_pool")(_avg_pool_3x3(x))
+    bp = BasicConv2d(self.pool_features, (1, 1), name="branch_pool")(_avg_pool_3x3(x))
     return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
@@ -147,8 +142,8 @@ class InceptionD(nn.Module):
 
 
 class FIDInceptionE(nn.Module):
-  """Mixed_7b (avg pool without padding, `FIDInceptionE_1`) and Mixed_7c
-  (max pool, `FIDInceptionE_2`): expanded filter-bank outputs."""
+  """Mixed_7b (avg pool without padding, `FIDInceptionE_1`) and Mixed_7c (max pool,
+  `FIDInceptionE_2`): expanded filter-bank outputs."""
 
   pool: Callable[[jax.Array], jax.Array]
 
@@ -171,18 +166,15 @@ class FIDInceptionE(nn.Module):
 
 
 def preprocess(images: jax.Array) -> jax.Array:
-  """Maps images to what pytorch-fid's network sees: float32 NHWC RGB in
-  [-1, 1] at 299x299.
+  """Maps images to what pytorch-fid's network sees: float32 NHWC RGB in [-1, 1] at 299x299.
 
-  uint8 images are scaled as ToTensor then `2x - 1` do; float images must
-  already be in [-1, 1]. Grey images (C = 1) are repeated to RGB, as PIL's
-  `convert("RGB")` does. Resizing is bilinear with half-pixel centres and no
-  antialiasing, which matches `F.interpolate(..., mode="bilinear",
+  uint8 images are scaled as ToTensor then `2x - 1` do; float images must already be in [-1, 1].
+  Grey images (C = 1) are repeated to RGB, as PIL's `convert("RGB")` does. Resizing is bilinear with
+  half-pixel centres and no antialiasing, which matches `F.interpolate(..., mode="bilinear",
   align_corners=False)`; a 299x299 input is left untouched (torch's identity).
   """
   if images.ndim != 4 or images.shape[-1] not in (1, 3):
-    raise ValueError(f"expected NHWC images with 1 or 3 channels, got shape "
-                     f"{images.shape}")
+    raise ValueError(f"expected NHWC images with 1 or 3 channels, got shape {images.shape}")
   if images.dtype == jnp.uint8:
     x = 2.0 * (images.astype(jnp.float32) / 255.0) - 1.0
   else:
@@ -190,8 +182,8 @@ def preprocess(images: jax.Array) -> jax.Array:
   if x.shape[-1] == 1:
     x = jnp.repeat(x, 3, axis=-1)
   if x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
-    x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3),
-                         method="bilinear", antialias=False)
+    x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3), method="bilinear",
+                         antialias=False)
   return x
 
 
@@ -222,10 +214,10 @@ class FIDInceptionV3(nn.Module):
     return jnp.mean(x, axis=(1, 2))
 
 
-# --- weights -----------------------------------------------------------------
+# ----------------------------------------------------------------------------- weights
 
-# Per conv layer: (source suffix, collection, Flax path suffix, kernel?) for the
-# two file layouts; "kernel" entries need the torch OIHW -> Flax HWIO transpose.
+# Per conv layer: (source suffix, collection, Flax path suffix, kernel?) for the two file layouts;
+# "kernel" entries need the torch OIHW -> Flax HWIO transpose.
 _TORCH_LAYER = (("conv.weight", "params", ("conv", "kernel"), True),
                 ("bn.weight", "params", ("bn", "scale"), False),
                 ("bn.bias", "params", ("bn", "bias"), False),
@@ -263,8 +255,8 @@ def conv_layer_names() -> list[str]:
 def _convert(flat: Mapping[str, np.ndarray], layer_spec, optional) -> Variables:
   """Builds Flax variables from a flat `name -> array` dict.
 
-  Every expected key must be present with the expected shape; keys that are
-  neither expected nor accepted by `optional(key, value)` are an error.
+  Every expected key must be present with the expected shape; keys that are neither expected nor
+  accepted by `optional(key, value)` are an error.
   """
   shapes = variable_shapes()
   variables = {"params": {}, "batch_stats": {}}
@@ -285,15 +277,14 @@ def _convert(flat: Mapping[str, np.ndarray], layer_spec, optional) -> Variables:
       for name in path + leaf:
         want = want[name]
       if value.shape != want.shape:
-        bad_shape.append(f"{key}: got {tuple(flat[key].shape)}, expected "
-                         f"{want.shape} after layout conversion")
+        bad_shape.append(f"{key}: got {tuple(flat[key].shape)}, expected {want.shape} after "
+                         "layout conversion")
         continue
       node = variables[collection]
       for name in path + leaf[:-1]:
         node = node.setdefault(name, {})
       node[leaf[-1]] = value
-  unexpected = sorted(k for k in flat
-                      if k not in expected and not optional(k, flat[k]))
+  unexpected = sorted(k for k in flat if k not in expected and not optional(k, flat[k]))
   problems = []
   for title, items in (("missing keys", missing), ("unexpected keys", unexpected),
                        ("wrong shapes", bad_shape)):
@@ -301,8 +292,8 @@ def _convert(flat: Mapping[str, np.ndarray], layer_spec, optional) -> Variables:
       shown = ", ".join(items[:8]) + (", ..." if len(items) > 8 else "")
       problems.append(f"{len(items)} {title}: {shown}")
   if problems:
-    raise ValueError("Inception weights do not match pytorch-fid's FID "
-                     "Inception-v3: " + "; ".join(problems))
+    raise ValueError("Inception weights do not match pytorch-fid's FID Inception-v3: "
+                     + "; ".join(problems))
   return variables
 
 
@@ -343,31 +334,29 @@ def variables_from_flax_pickle(tree: Mapping[str, Any]) -> Variables:
 def load_inception(weights_path: str) -> tuple[FIDInceptionV3, Variables]:
   """Loads the FID Inception weights file; returns (module, variables).
 
-  `.pth`/`.pt` files are pytorch-fid state_dicts (read with torch);
-  `.pickle`/`.pkl` files are the jax-fid Flax pickle.
+  `.pth`/`.pt` files are pytorch-fid state_dicts (read with torch); `.pickle`/`.pkl` files are the
+  jax-fid Flax pickle.
   """
   if not weights_path or not os.path.isfile(weights_path):
     raise FileNotFoundError(
-        f"FID Inception weights file {weights_path!r} not found. Set "
-        f"{WEIGHTS_CONFIG_FIELD} to pytorch-fid's "
-        f"pt_inception-2015-12-05-6726825d.pth (published at "
-        f"{PYTORCH_FID_WEIGHTS_URL}) or to jax-fid's "
-        f"inception_v3_weights_fid.pickle; nothing is downloaded at run time.")
+        f"FID Inception weights file {weights_path!r} not found. Set {WEIGHTS_CONFIG_FIELD} to "
+        f"pytorch-fid's pt_inception-2015-12-05-6726825d.pth (published at "
+        f"{PYTORCH_FID_WEIGHTS_URL}) or to jax-fid's inception_v3_weights_fid.pickle; nothing is "
+        f"downloaded at run time.")
   ext = os.path.splitext(weights_path)[1].lower()
   if ext in (".pth", ".pt"):
     try:
       import torch  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise ImportError(
-          f"reading {weights_path} (a PyTorch state_dict) needs torch; install "
-          "it or use the jax-fid Flax pickle instead") from e
+          f"reading {weights_path} (a PyTorch state_dict) needs torch; install it or use the "
+          "jax-fid Flax pickle instead") from e
     state_dict = torch.load(weights_path, map_location="cpu", weights_only=True)
     variables = variables_from_torch_state_dict(state_dict)
   elif ext in (".pickle", ".pkl"):
     with open(weights_path, "rb") as f:
       variables = variables_from_flax_pickle(pickle.load(f))
   else:
-    raise ValueError(f"unknown Inception weights format {ext!r} for "
-                     f"{weights_path}: expected .pth/.pt (pytorch-fid) or "
-                     ".pickle/.pkl (jax-fid)")
+    raise ValueError(f"unknown Inception weights format {ext!r} for {weights_path}: expected "
+                     ".pth/.pt (pytorch-fid) or .pickle/.pkl (jax-fid)")
   return FIDInceptionV3(), variables
