@@ -95,7 +95,7 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
 def _check_sample_settings(spec: sampler_spec.SamplerSpec, workdir: str, recorded: dict) -> None:
   """The sample directory's recorded settings must be the spec's (num_samples may grow)."""
   sample_store.check_settings(generation.default_sample_dir(spec, workdir), recorded,
-                              dict(spec.image_settings(), chunk_size=spec.chunk_size))
+                              spec.directory_settings())
 
 
 def _eval_contents(config: ml_collections.ConfigDict, spec: sampler_spec.SamplerSpec,

@@ -133,9 +133,7 @@ def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir
   s = spec
   mesh = sharding.batch_mesh(devices or jax.local_devices())
   sampler_spec.check_devices(spec, mesh.size)
-  settings = sample_store.open_for_writing(sample_dir, dict(
-      s.image_settings(), weights=model.source, chunk_size=s.chunk_size,
-      num_samples=s.num_samples))
+  settings = sample_store.open_for_writing(sample_dir, s.directory_settings(model.source))
   generate = make_generate_fn(model, spec, mesh)
   params = jax.device_put(model.params, sharding.replicated(mesh))  # once, not per batch
 

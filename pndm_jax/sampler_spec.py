@@ -43,6 +43,13 @@ class SamplerSpec:
   def adaptive(self) -> bool:
     return isinstance(self.method, samplers.ProbabilityFlow)
 
+  def directory_settings(self, weights: str | None = None) -> dict[str, Any]:
+    """What a sample directory records: the image settings, the chunk size, the number of
+    images and (once loaded) exactly which `weights`; all but num_samples must match to reuse it."""
+    settings = dict(self.image_settings(), chunk_size=self.chunk_size,
+                    num_samples=self.num_samples)
+    return settings if weights is None else dict(settings, weights=weights)
+
   def image_settings(self) -> dict[str, Any]:
     """The settings that determine the images (not how many there are), as JSON values.
 
