@@ -31,10 +31,15 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dropout = 0.1
   config.model.resamp_with_conv = True
   config.model.dtype = "float32"      # computation dtype; bfloat16 on accelerators
+  config.model.prediction_type = "epsilon"  # epsilon | sample | v_prediction (converted to eps)
 
   config.diffusion = ml_collections.ConfigDict()
-  config.diffusion.schedule = "linear"
+  config.diffusion.schedule = "linear"  # linear | scaled_linear (quad) | cosine
+                                        # (squaredcos_cap_v2) | trained
   config.diffusion.num_timesteps = 1000
+  config.diffusion.beta_start = 1e-4    # linear / scaled_linear endpoints (Stable Diffusion v1:
+  config.diffusion.beta_end = 0.02      # scaled_linear, 0.00085 .. 0.012)
+  config.diffusion.trained_betas = ""   # schedule 'trained': a .npy or text file of float64 betas
 
   config.training = ml_collections.ConfigDict()
   config.training.batch_size = 64
@@ -58,8 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampler = ml_collections.ConfigDict()
   config.sampler.method = "f-pndm"
   config.sampler.num_steps = 50
-  config.sampler.convention = "paper"  # alpha-bar convention: paper | consistent
-  config.sampler.spacing = "uniform"  # timestep spacing: uniform | linspace
+  config.sampler.convention = "paper"  # alpha-bar convention: paper | consistent | diffusers
+  config.sampler.spacing = "uniform"  # timesteps: uniform | linspace | leading | trailing
+  config.sampler.steps_offset = 0     # spacing 'leading': added to every timestep (diffusers')
+  config.sampler.set_alpha_to_one = False  # convention 'diffusers': last step ends at 1, not A[0]
   config.sampler.eta = 0.0
   config.sampler.num_samples = 64
   config.sampler.batch_size = 64

@@ -55,11 +55,11 @@ def make_model(name: str) -> analytic.GaussianMixture:
 
 def errors_for(model, model_name, sched, convention, method, steps, x_T):
   """(NFE, median, mean error norm of x0 over the batch), one triple per step count."""
-  eps_fn = model.eps_fn(sched, convention)
   sampler = samplers.get_method(method)
   out = []
   for s in steps:
     d = schedules.Discretization(sched, s, spacing="uniform", convention=convention)
+    eps_fn = model.eps_fn(d.alpha_bar)
     a_start, a_end = analytic.ode_endpoints(d)
     if model_name == "gaussian":
       truth = model.exact_solution(x_T, a_start, a_end)

@@ -51,7 +51,7 @@ def ring(num_components: int = 8, radius: float = 0.7, std: float = 0.03):
 
 def evaluations(model, discretization, method, x_T):
   """Runs `method` eagerly; returns its final x0 and every (x, t) it fed the model."""
-  eps_fn = model.eps_fn(discretization.schedule, discretization.convention)
+  eps_fn = model.eps_fn(discretization.alpha_bar)
   seen = []
 
   def recording_eps(x, t):

@@ -66,11 +66,15 @@ class GaussianMixture:
     resp = jax.nn.softmax(log_prob, axis=-1)
     return sigma[:, 0] * jnp.einsum("bk,bkd->bd", resp, diff / var)
 
-  def eps_fn(self, schedule: schedules.Schedule, convention: str) -> Callable:
-    """The exact eps_fn(x, t) for data x [B, ...] under `schedule` and alpha-bar `convention`."""
+  def eps_fn(self, alpha_bar: Callable[[jax.Array], jax.Array]) -> Callable:
+    """The exact eps_fn(x, t) for data x [B, ...] when timestep t means alpha-bar `alpha_bar(t)`.
+
+    Pass the sampler's `Discretization.alpha_bar`, so that sampler and model
+    agree on what t means (docs/methods.md §3).
+    """
 
     def eps(x: jax.Array, t: jax.Array) -> jax.Array:
-      a = schedule.alpha_bar(t, convention).astype(t.dtype)[:, None]
+      a = alpha_bar(t).astype(t.dtype)[:, None]
       flat = x.reshape(x.shape[0], -1).astype(t.dtype)
       out = self.eps_y(flat / jnp.sqrt(a), jnp.sqrt((1 - a) / a)[:, 0])
       return out.reshape(x.shape).astype(x.dtype)

@@ -43,19 +43,26 @@ def load(config: ml_collections.ConfigDict, spec: sampler_spec.SamplerSpec, work
          ) -> generation.EpsModel:
   """The EpsModel named by `config.model.name`, with weights resolved as described above.
 
-  An analytic model's exact eps follows the spec's schedule and alpha-bar convention.
+  An analytic model's exact eps follows the spec's schedule and alpha-bar convention. A
+  network's output is converted to eps per `config.model.prediction_type`, with the spec's
+  schedule as the one it was trained with; analytic models return eps, so they take `epsilon`.
 
   Its `source` names the weights exactly: a training run's checkpoints
   directory and step, a checkpoint's absolute path, or the analytic model.
   """
   if check_model_name(config.model.name) == "digits_gmm":
+    if config.model.prediction_type != "epsilon":
+      raise ValueError(f"model digits_gmm is analytic and returns eps: prediction_type must be "
+                       f"'epsilon', got {config.model.prediction_type!r}")
     d = spec.discretization
-    eps_fn = digits_gmm(config.model.gmm_std).eps_fn(d.schedule, d.convention)
+    eps_fn = digits_gmm(config.model.gmm_std).eps_fn(d.alpha_bar)
     return generation.EpsModel(lambda p, x, t: eps_fn(x, t), {}, (8, 8, 1),
                                f"analytic digits_gmm(std={config.model.gmm_std})")
 
   path = config.sampler.checkpoint or checkpoints.find_weights(workdir)
-  return generation.network_model(*load_network(config, path))
+  model, params, source = load_network(config, path)
+  return generation.network_model(model, params, source, config.model.prediction_type,
+                                  spec.discretization.schedule)
 
 
 def load_network(config: ml_collections.ConfigDict, path: str

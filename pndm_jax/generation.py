@@ -35,6 +35,7 @@ from pndm_jax import (
   sample_store,
   sampler_spec,
   samplers,
+  schedules,
   sharding,
 )
 
@@ -56,9 +57,17 @@ class EpsModel:
   source: str = ""
 
 
-def network_model(model: models.UNet, params: Any = None, source: str = "") -> EpsModel:
-  """A U-Net as an EpsModel (params may be passed later, e.g. a training run's EMA)."""
-  apply = lambda p, x, t: models.eps_fn(model, p)(x, t)
+def network_model(model: models.UNet, params: Any = None, source: str = "",
+                  prediction_type: str = "epsilon",
+                  schedule: schedules.Schedule | None = None) -> EpsModel:
+  """A U-Net as an EpsModel (params may be passed later, e.g. a training run's EMA).
+
+  A network that predicts x0 (`sample`) or v (`v_prediction`) has its output converted to
+  eps here, with the alpha-bar of the `schedule` it was trained with (`models.eps_from_output`).
+  """
+  models.check_conversion(prediction_type, schedule)
+  apply = lambda p, x, t: models.eps_from_output(models.eps_fn(model, p), schedule,
+                                                 prediction_type)(x, t)
   return EpsModel(apply, params, (model.image_size, model.image_size, model.in_channels), source)
 
 

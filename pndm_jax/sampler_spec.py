@@ -19,7 +19,7 @@ from pndm_jax import samplers, schedules
 class SamplerSpec:
   """A validated sampling run: the method and grid, the images' seed, and which weights."""
 
-  method_name: str      # as configured, lower-cased: names sample directories
+  method_name: str      # the canonical name (aliases resolved): names sample directories
   method: samplers.Method
   discretization: schedules.Discretization
   eta: float            # ddim's stochasticity (0: deterministic)
@@ -56,11 +56,8 @@ class SamplerSpec:
     They name the default sample directory and are recorded in it. Probability
     flow controls its step size over a whole batch, so there the batch size counts too.
     """
-    d = self.discretization
-    settings = dict(method=self.method_name, num_steps=d.num_steps, convention=d.convention,
-                    spacing=d.spacing, eta=self.eta, seed=self.seed,
-                    schedule=d.schedule.name, num_timesteps=d.schedule.num_timesteps,
-                    model=self.model, checkpoint=self.checkpoint,
+    settings = dict(method=self.method_name, **self.discretization.settings(), eta=self.eta,
+                    seed=self.seed, model=self.model, checkpoint=self.checkpoint,
                     checkpoint_step=self.checkpoint_step,
                     checkpoint_list_entry=self.checkpoint_list_entry)
     if self.adaptive:
@@ -81,10 +78,10 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int | None = Non
       raise ValueError(f"config.sampler.{name} must be >= 1, got {s[name]}")
   method = samplers.get_method(s.method, s.eta)
   discretization = schedules.Discretization(
-      schedules.Schedule(d.schedule, d.num_timesteps), s.num_steps, spacing=s.spacing,
-      convention=s.convention)
+      schedules.from_config(d), s.num_steps, spacing=s.spacing, convention=s.convention,
+      steps_offset=s.steps_offset, set_alpha_to_one=s.set_alpha_to_one)
   spec = SamplerSpec(
-      method_name=s.method.lower(), method=method, discretization=discretization,
+      method_name=samplers.canonical_name(s.method), method=method, discretization=discretization,
       eta=float(s.eta), seed=s.seed,
       num_samples=s.num_samples, batch_size=s.batch_size, chunk_size=s.chunk_size,
       save_pngs=bool(s.save_pngs), sample_dir=s.sample_dir, model=config.model.to_dict(),

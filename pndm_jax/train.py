@@ -205,11 +205,16 @@ def check_config(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises a ValueError for settings that would fail later (called before any compute)."""
   training = config.training
   choices.check("loss", training.loss, LOSSES)
+  prediction_type = config.model.get("prediction_type", "epsilon")
+  if prediction_type != "epsilon":
+    raise ValueError(f"config.model.prediction_type={prediction_type!r}: training supports "
+                     "epsilon only (its objective is the eps-prediction loss); sample and "
+                     "v_prediction are for sampling from networks trained elsewhere")
   if training.steps_per_call < 1 or training.num_train_steps % training.steps_per_call:
     raise ValueError(f"num_train_steps ({training.num_train_steps}) must be a multiple of "
                      f"steps_per_call ({training.steps_per_call})")
   input_pipeline.check_global_batch(training.batch_size, num_devices, jax.process_count())
-  schedules.Schedule(config.diffusion.schedule, config.diffusion.num_timesteps)  # validates
+  schedules.from_config(config.diffusion)  # validates
 
 
 def _crossed(step: int, k: int, every: int) -> bool:

@@ -34,6 +34,8 @@ def ref_sample(method, x, a_table, num_steps):
   seq_next = [-1] + seq[:-1]
   eps = lambda x, t: toy_eps(np, x, np.full(x.shape[0], float(t)))
   plms = lambda h: (55 * h[-1] - 59 * h[-2] + 37 * h[-3] - 9 * h[-4]) / 24
+  lower_plms = {2: lambda h: (3 * h[-1] - h[-2]) / 2,
+                3: lambda h: (23 * h[-1] - 16 * h[-2] + 5 * h[-3]) / 12, 4: plms}
   rk4_mean = lambda k1, k2, k3, k4: (k1 + 2 * k2 + 2 * k3 + k4) / 6
   history = []
   for t, t_next in zip(reversed(seq), reversed(seq_next)):
@@ -48,6 +50,15 @@ def ref_sample(method, x, a_table, num_steps):
         history.append(e1)
         e2 = eps(ref_transfer(x, t, t_next, e1, a_table), t_next)
         e = 0.5 * (e1 + e2)
+      x = ref_transfer(x, t, t_next, e, a_table)
+    elif method == "plms":  # diffusers' PLMS start: Heun, second evaluation dropped, then ramp
+      if history:
+        history.append(eps(x, t))
+        e = lower_plms[min(len(history), 4)](history)
+      else:
+        e1 = eps(x, t)
+        history.append(e1)
+        e = 0.5 * (e1 + eps(ref_transfer(x, t, t_next, e1, a_table), t_next))
       x = ref_transfer(x, t, t_next, e, a_table)
     elif method == "f-pndm":
       if len(history) > 2:
@@ -81,7 +92,7 @@ def ref_sample(method, x, a_table, num_steps):
 
 
 @pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
-@pytest.mark.parametrize("method", ["ddim", "s-pndm", "f-pndm", "fon"])
+@pytest.mark.parametrize("method", ["ddim", "s-pndm", "f-pndm", "fon", "plms"])
 @pytest.mark.parametrize("num_steps", [7, 30, 50, 100])
 def test_parity_with_reference_loops(x64, schedule_name, method, num_steps):
   sched = schedules.Schedule(schedule_name)
@@ -97,7 +108,7 @@ def test_parity_with_reference_loops(x64, schedule_name, method, num_steps):
 def test_parity_grid_has_fractional_midpoints():
   d = schedules.Discretization(LINEAR, 30, spacing="uniform", convention="paper")
   assert np.any((d.t + d.t_next) % 2 == 1)  # skip 33 is odd: RK midpoints are x.5
-  assert np.array_equal(d.times(0.5), (d.t + d.t_next) / 2)
+  assert np.array_equal(d.plan(samplers.RK4.c).eval_t[:, 1], (d.t + d.t_next) / 2)
 
 
 # --- convergence against the closed-form Gaussian solution ('consistent') ---
@@ -107,10 +118,10 @@ def gaussian_errors(method, steps_list, schedule_name="linear"):
   gauss = analytic.gaussian(dim=8)
   sched = schedules.Schedule(schedule_name)
   x_T = jax.random.normal(jax.random.key(0), (64, 8), jnp.float64)
-  eps_fn = gauss.eps_fn(sched, "consistent")
   errors = []
   for s in steps_list:
     d = schedules.Discretization(sched, s, spacing="uniform", convention="consistent")
+    eps_fn = gauss.eps_fn(d.alpha_bar)
     a_start, a_end = analytic.ode_endpoints(d)
     x0 = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method(method), d)
     exact = gauss.exact_solution(x_T, a_start, a_end)
@@ -133,7 +144,7 @@ def test_convergence_order_on_gaussian(x64, method, min_order):
 
 
 @pytest.mark.parametrize("method", ["f-pndm", "pseudo-rk4", "pseudo-heun", "pseudo-lms3-rk4",
-                                    "pseudo-lms4-ramp"])
+                                    "pseudo-lms4-ramp", "plms", "pseudo-vlms4-heunramp"])
 def test_every_pseudo_method_converges(x64, method):
   errors = gaussian_errors(method, [10, 40, 160], "cosine")
   assert np.all(np.diff(errors) < 0), errors
@@ -178,7 +189,8 @@ def test_reference_solution_matches_closed_form(x64):
 NFE_CASES = [("ddim", 10, 10), ("s-pndm", 10, 11), ("f-pndm", 10, 19), ("fon", 10, 19),
              ("f-pndm", 30, 40), ("ddpm", 10, 10), ("classical-heun", 5, 10),
              ("pseudo-rk4", 5, 20), ("pseudo-lms3-heun", 8, 10), ("pseudo-lms4-ramp", 8, 8),
-             ("pseudo-lms2-euler", 8, 8), ("pseudo-vlms4-rk4", 10, 19), ("ddim", 6, 7)]
+             ("pseudo-lms2-euler", 8, 8), ("pseudo-vlms4-rk4", 10, 19), ("ddim", 6, 7),
+             ("plms", 10, 11), ("pndm", 10, 19), ("classical-lms3-heunramp", 2, 3)]
 
 
 @pytest.mark.parametrize("method, num_steps, expected", NFE_CASES)
@@ -230,9 +242,9 @@ def test_jitted_nfe_counts_executions(method):
 
 def test_jit_with_static_arguments_and_dtypes():
   sched = schedules.Schedule("cosine")
-  eps_fn = analytic.gaussian(4).eps_fn(sched, "paper")
   run = jax.jit(samplers.run_sampler, static_argnames=("eps_fn", "method", "discretization"))
   method, d = samplers.get_method("f-pndm"), schedules.Discretization(sched, 20)
+  eps_fn = analytic.gaussian(4).eps_fn(d.alpha_bar)
   for dtype in (jnp.float32, jnp.bfloat16):
     x_T = jax.random.normal(jax.random.key(0), (4, 4), dtype)
     x0, nfe = run(eps_fn, x_T, method, d)
@@ -266,7 +278,7 @@ def test_eps_fn_sees_batch_timesteps_with_fractional_midpoints():
 
 
 def test_stochastic_methods_are_reproducible_from_the_key():
-  eps_fn = analytic.gaussian(4).eps_fn(LINEAR, "paper")
+  eps_fn = analytic.gaussian(4).eps_fn(lambda t: LINEAR.alpha_bar(t, "paper"))
   x_T = jnp.ones((3, 4))
   d = schedules.Discretization(LINEAR, 20)
   for method in [samplers.get_method("ddpm"), samplers.get_method("ddim", eta=0.5)]:
@@ -276,7 +288,7 @@ def test_stochastic_methods_are_reproducible_from_the_key():
 
 
 def test_per_image_keys_make_noise_independent_of_the_batch():
-  eps_fn = analytic.gaussian(4).eps_fn(LINEAR, "paper")
+  eps_fn = analytic.gaussian(4).eps_fn(lambda t: LINEAR.alpha_bar(t, "paper"))
   keys = jax.random.split(jax.random.key(0), 6)
   x_T = jax.random.normal(jax.random.key(1), (6, 4))
   d = schedules.Discretization(LINEAR, 10)
@@ -289,9 +301,8 @@ def test_ddpm_1000_steps_matches_data_moments(x64):
   gauss = analytic.gaussian(dim=8)
   n = 4000
   x_T = jax.random.normal(jax.random.key(0), (n, 8), jnp.float64)
-  x0, nfe = samplers.run_sampler(gauss.eps_fn(LINEAR, "consistent"), x_T,
-                                 samplers.get_method("ddpm"),
-                                 schedules.Discretization(LINEAR, 1000, convention="consistent"),
+  d = schedules.Discretization(LINEAR, 1000, convention="consistent")
+  x0, nfe = samplers.run_sampler(gauss.eps_fn(d.alpha_bar), x_T, samplers.get_method("ddpm"), d,
                                  rng=jax.random.key(1))
   assert nfe == 1000
   mean_z = (np.mean(x0, 0) - gauss.means[0]) / (gauss.stds[0] / math.sqrt(n))
@@ -301,7 +312,7 @@ def test_ddpm_1000_steps_matches_data_moments(x64):
 
 
 def test_ddim_eta_zero_equals_deterministic_ddim(x64):
-  eps_fn = analytic.gaussian(4).eps_fn(LINEAR, "consistent")
+  eps_fn = analytic.gaussian(4).eps_fn(lambda t: LINEAR.alpha_bar(t, "consistent"))
   x_T = jax.random.normal(jax.random.key(0), (5, 4), jnp.float64)
   d = schedules.Discretization(LINEAR, 25, convention="consistent")
   det = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method("ddim"), d)
@@ -314,7 +325,7 @@ def test_ddim_eta_zero_equals_deterministic_ddim(x64):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(method="dpm-solver"), "valid choices: ddpm, ddim, s-pndm, f-pndm, fon, pf"),
+    (dict(method="dpm-solver"), "valid choices: ddpm, ddim, s-pndm, f-pndm, fon, plms, pf, pndm"),
     (dict(method="pseudo-rk5"), "euler, heun, rk4, lms2, lms3, lms4"),
     (dict(method="pseudo-lms3"), "needs a warmup"),
     (dict(method="classical-vlms4-rk4"), "integrates in sigma"),
@@ -342,7 +353,7 @@ def test_num_evals_rejects_what_sampling_rejects():
     samplers.get_method("f-pndm").num_evals(
         schedules.Discretization(LINEAR, 3, convention="consistent"))
   with pytest.raises(ValueError, match="valid choices"):
-    samplers.get_method("pndm")
+    samplers.get_method("pndm-4")
 
 
 def test_pf_needs_the_linear_schedule():
@@ -361,6 +372,10 @@ def test_names_parse_to_hashable_values():
   assert samplers.get_method("ddim", eta=0.5) == samplers.Ancestral(samplers.FixedSmall(0.5))
   assert samplers.RK4.c == (0, 1 / 2, 1 / 2, 1) and samplers.HEUN.c == (0, 1)
   assert samplers.get_method("pseudo-vlms3-ramp").gradient.variable_step
+  assert samplers.get_method("PNDM") == samplers.get_method("f-pndm")
+  assert samplers.get_method("PLMS") == samplers.Deterministic(
+      samplers.PSEUDO, samplers.LinearMultistep(4), samplers.HEUN_RAMP)
+  assert samplers.canonical_name("PNDM") == "f-pndm"
   for name in [*samplers.PRESETS, "classical-rk4", "pseudo-vlms4-ramp"]:
     hash(samplers.get_method(name))
   assert hash(schedules.Discretization(LINEAR, 50)) == hash(schedules.Discretization(LINEAR, 50))

@@ -5,7 +5,10 @@ import math
 import numpy as np
 import pytest
 
-from pndm_jax import schedules
+from configs import default
+from pndm_jax import diffusers_scheduler, schedules
+
+LINEAR = schedules.Schedule("linear", 1000)
 
 
 def discretized(num_steps, spacing, convention):
@@ -65,7 +68,8 @@ def test_linspace_grid():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda: schedules.Schedule("sigmoid"), "linear, quad, cosine"),
+    (lambda: schedules.Schedule("sigmoid"),
+     "linear, scaled_linear, cosine, trained, quad, squaredcos_cap_v2"),
     (lambda: discretized(10, "log", "paper"), "uniform, linspace"),
     (lambda: discretized(10, "uniform", "shifted"), "paper, consistent"),
     (lambda: discretized(0, "uniform", "paper"), "num_steps must be in"),
@@ -91,4 +95,109 @@ def test_discretization_is_a_frozen_value_with_its_convention():
   assert d != schedules.Discretization(sched, 10, "uniform", "paper")
   assert d.t.dtype == d.t_next.dtype == np.float64 and not d.t.flags.writeable
   assert np.array_equal(d.alpha_bar(d.t - 0.5), sched.alpha_bar(d.t - 0.5, "consistent"))
-  assert np.array_equal(d.times(0.0), d.t) and np.array_equal(d.times(1.0), d.t_next)
+  plan = d.plan((0.0, 0.5))
+  assert np.array_equal(plan.eval_t, np.stack([d.t, (d.t + d.t_next) / 2], 1))
+  assert np.array_equal(plan.to_t[:, 1], d.t_next) and not plan.to_t.flags.writeable
+
+
+# --- diffusers' schedules, grids and convention (docs/methods.md §1-§3) ---
+
+
+def test_diffusers_schedule_names_and_endpoints():
+  assert schedules.Schedule("quad") == schedules.Schedule("scaled_linear")
+  assert schedules.Schedule("quad").name == "scaled_linear"
+  assert schedules.Schedule("squaredcos_cap_v2", 50) == schedules.Schedule("cosine", 50)
+  sd = schedules.Schedule("scaled_linear", 1000, 0.00085, 0.012).betas
+  assert np.allclose(sd, np.linspace(0.00085**0.5, 0.012**0.5, 1000) ** 2, rtol=1e-14)
+  lin = schedules.Schedule("linear", 10, 0.001, 0.01).betas
+  assert lin[0] == 0.001 and lin[-1] == pytest.approx(0.01, rel=1e-15)
+
+
+def test_trained_betas_from_values_and_from_config_files(tmp_path):
+  betas = np.linspace(1e-4, 0.02, 100) ** 1.1
+  trained = schedules.Schedule.from_betas(betas)
+  assert trained.name == "trained" and np.array_equal(trained.betas, betas)
+  assert trained == schedules.Schedule.from_betas(betas.copy()) and hash(trained)
+  np.save(tmp_path / "betas.npy", betas)
+  np.savetxt(tmp_path / "betas.txt", betas)
+  config = default.get_config().diffusion
+  config.update(schedule="trained", num_timesteps=100)
+  for name in ("betas.npy", "betas.txt"):
+    config.trained_betas = str(tmp_path / name)
+    assert np.allclose(schedules.from_config(config).betas, betas, rtol=1e-15)
+  assert trained.settings()["betas_sha256"] != schedules.Schedule.from_betas(
+      betas * 1.0001).settings()["betas_sha256"]
+  config.num_timesteps = 1000
+  with pytest.raises(ValueError, match="holds 100 betas but config.diffusion.num_timesteps"):
+    schedules.from_config(config)
+
+
+def test_leading_and_trailing_grids_have_exactly_s_steps():
+  n, s = 1000, 30
+  d = schedules.Discretization(LINEAR, s, "leading", "consistent", steps_offset=1)
+  assert list(d.t) == list(np.arange(s)[::-1] * (n // s) + 1) and d.t_next[-1] == -1
+  assert len(schedules.Discretization(LINEAR, s, "uniform", "consistent").t) == s + 1
+  d = schedules.Discretization(LINEAR, s, "trailing", "consistent")
+  expected = [round(n - i * n / s) - 1 for i in range(s)]
+  assert list(d.t) == expected and d.t[0] == n - 1
+
+
+@pytest.mark.parametrize("set_alpha_to_one", [False, True])
+def test_diffusers_convention_reads_a_t_and_steps_one_skip(set_alpha_to_one):
+  d = schedules.Discretization(LINEAR, 30, "leading", "diffusers", steps_offset=1,
+                               set_alpha_to_one=set_alpha_to_one)
+  a = LINEAR.alphas_cumprod
+  assert np.array_equal(d.t_next, d.t - 33)
+  got = d.alpha_bar(np.array([-32.0, -1.0, 0.0, 5.0, 999.0]))
+  final = 1.0 if set_alpha_to_one else a[0]
+  assert np.array_equal(got, [final, final, a[0], a[5], a[999]])
+  settings = d.settings()
+  assert settings["set_alpha_to_one"] == set_alpha_to_one and settings["steps_offset"] == 1
+
+
+def test_diffusers_stage_times_for_an_odd_skip():
+  """PRK with skip 33: stages move to t - 16 but the model is called at t' + 16 (t' = next t)."""
+  d = schedules.Discretization(LINEAR, 30, "leading", "diffusers")
+  t0, t1 = d.t[0], d.t[1]
+  rk4 = d.plan((0.0, 0.5, 0.5, 1.0))
+  assert list(rk4.eval_t[0]) == [t0, t1 + 16, t1 + 16, t1]
+  assert list(rk4.to_t[0]) == [t0 - 16, t1 + 16, t1, t1] and set(rk4.from_t[0]) == {t0}
+  heun = d.plan((0.0, 1.0), restart=True)  # the PLMS start: its end restarts at t' + skip
+  assert list(heun.eval_t[0]) == [t0, t1] and list(heun.from_t[0]) == [t0, t1 + 33]
+  one = d.plan((0.0,))
+  assert np.array_equal(one.to_t[:, 0], d.t_next) and rk4.to_t[-1, -1] == d.t_next[-1]
+  plain = schedules.Discretization(LINEAR, 30, "leading", "consistent")
+  assert np.array_equal(plain.plan((0.0, 1.0), restart=True).from_t,
+                        plain.plan((0.0, 1.0)).from_t)  # a no-op outside 'diffusers'
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: schedules.Schedule("cosine", beta_start=0.001), "not 'cosine'"),
+    (lambda: schedules.Schedule("linear", beta_start=0.03), "beta_start <= beta_end"),
+    (lambda: schedules.Schedule("trained", 10), "need the schedule name 'trained'"),
+    (lambda: schedules.Schedule.from_betas([0.1, 1.5]), "values in \\(0, 1\\)"),
+    (lambda: schedules.Discretization(LINEAR, 10, "uniform", steps_offset=1), "'leading' only"),
+    (lambda: schedules.Discretization(LINEAR, 10, set_alpha_to_one=True), "'diffusers' only"),
+    (lambda: schedules.Discretization(LINEAR, 10, convention="diffusers"), "'leading', 'trail"),
+    (lambda: schedules.Discretization(LINEAR, 1000, "leading", "diffusers", steps_offset=1),
+     "A\\[1000\\], past the table"),
+])
+def test_bad_diffusers_settings_raise(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+def test_scheduler_config_translation():
+  config = default.get_config()
+  diffusers_scheduler.apply_scheduler_config(config, dict(
+      _class_name="PNDMScheduler", beta_schedule="squaredcos_cap_v2", beta_start=0.00085,
+      skip_prk_steps=True, timestep_spacing="trailing", steps_offset=1,
+      prediction_type="v_prediction"))
+  assert (config.diffusion.schedule, config.diffusion.beta_start) == ("squaredcos_cap_v2", 1e-4)
+  assert (config.sampler.method, config.sampler.steps_offset) == ("plms", 0)
+  assert config.model.prediction_type == "v_prediction"
+  for bad, match in [(dict(_class_name="DDIMScheduler"), "not a PNDMScheduler"),
+                     (dict(clip_sample=True), "unknown PNDMScheduler settings: clip_sample"),
+                     (dict(trained_betas=[0.1] * 1000), "save them as a .npy")]:
+    with pytest.raises(ValueError, match=match):
+      diffusers_scheduler.apply_scheduler_config(default.get_config(), bad)

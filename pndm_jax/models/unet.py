@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pndm_jax.models.prediction import check_prediction_type
+
 # GroupNorm as in DDIM/diffusers: 32 groups, eps 1e-6. Two-pass variance for float32 parity.
 _NORM_GROUPS = 32
 _NORM_EPS = 1e-6
@@ -187,6 +189,8 @@ def check_model_config(model_config: Mapping[str, Any], image_size: int, num_cha
 
   Cheap (no tracing), so the CLI can call it before any compute; `unet_from_config` calls it.
   `image_size` and `num_channels` are the data's; `prefix` names the fields in the message.
+  `prediction_type` (what the network outputs) is checked where present: checkpoints do not
+  record it.
   """
   def fail(field: str, why: str, valid: str) -> NoReturn:
     raise ValueError(f"{prefix}{field}={model_config[field]!r} is not valid: {why}; "
@@ -230,6 +234,8 @@ def check_model_config(model_config: Mapping[str, Any], image_size: int, num_cha
     fail("dropout", "not a probability in [0, 1)", "0.0 <= dropout < 1.0")
   if not isinstance(model_config["resamp_with_conv"], bool):
     fail("resamp_with_conv", "not a bool", "True, False")
+  if "prediction_type" in model_config:
+    check_prediction_type(model_config["prediction_type"], f"{prefix}prediction_type")
 
 
 def unet_from_config(model_cfg: Mapping[str, Any], image_size: int, num_channels: int) -> UNet:

@@ -9,8 +9,19 @@
 from pndm_jax.samplers.ancestral import FixedLarge, FixedSmall, sample_ancestral
 from pndm_jax.samplers.deterministic import sample_deterministic
 from pndm_jax.samplers.dispatch import run_sampler
-from pndm_jax.samplers.gradients import EULER, HEUN, RAMP, RK4, LinearMultistep, Ramp, RungeKutta
+from pndm_jax.samplers.gradients import (
+                                         EULER,
+                                         HEUN,
+                                         HEUN_RAMP,
+                                         RAMP,
+                                         RK4,
+                                         HeunRamp,
+                                         LinearMultistep,
+                                         Ramp,
+                                         RungeKutta,
+)
 from pndm_jax.samplers.methods import (
+                                       ALIASES,
                                        GRADIENTS,
                                        PRESETS,
                                        TRANSFERS,
@@ -19,6 +30,7 @@ from pndm_jax.samplers.methods import (
                                        Deterministic,
                                        Method,
                                        ProbabilityFlow,
+                                       canonical_name,
                                        get_method,
 )
 from pndm_jax.samplers.model_call import EpsFn
@@ -26,7 +38,7 @@ from pndm_jax.samplers.probability_flow import sample_probability_flow
 from pndm_jax.samplers.transfer import CLASSICAL, PSEUDO, Classical, Pseudo
 
 __all__ = ["run_sampler", "sample_deterministic", "sample_ancestral", "sample_probability_flow",
-           "get_method", "Method", "Deterministic", "Ancestral", "ProbabilityFlow",
-           "PRESETS", "TRANSFERS", "GRADIENTS", "WARMUPS", "Pseudo", "Classical", "PSEUDO",
-           "CLASSICAL", "RungeKutta", "LinearMultistep", "Ramp", "EULER", "HEUN", "RK4", "RAMP",
-           "FixedSmall", "FixedLarge", "EpsFn"]
+           "get_method", "canonical_name", "Method", "Deterministic", "Ancestral",
+           "ProbabilityFlow", "PRESETS", "ALIASES", "TRANSFERS", "GRADIENTS", "WARMUPS", "Pseudo",
+           "Classical", "PSEUDO", "CLASSICAL", "RungeKutta", "LinearMultistep", "Ramp", "HeunRamp",
+           "EULER", "HEUN", "RK4", "RAMP", "HEUN_RAMP", "FixedSmall", "FixedLarge", "EpsFn"]

@@ -11,6 +11,7 @@ their per-step ring weights are precomputed here so the scan body never branches
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 
@@ -81,16 +82,14 @@ class LinearMultistep:
     """
     d = discretization
     num_steps = len(d.t)
-    sigma = None
-    if self.variable_step:  # the nodes: sigma at each step's start, then at the end [S + 1]
-      a = d.alpha_bar(np.append(d.t, d.t_next[-1]))
-      sigma = np.sqrt((1.0 - a) / a)
+    sigma = lambda t: np.sqrt((1.0 - d.alpha_bar(t)) / d.alpha_bar(t))
+    start, end = sigma(d.t), sigma(d.t_next)  # nodes are the steps' starts
     steps = np.arange(num_steps)
     weights = np.zeros((num_steps, self.order))
     for i in steps:
       k = min(i + 1, self.order) if ramp else self.order
       if self.variable_step:
-        w = variable_step_weights(sigma[i - np.arange(k)], sigma[i], sigma[i + 1])
+        w = variable_step_weights(start[i - np.arange(k)], start[i], end[i])
       else:
         w = MULTISTEP_WEIGHTS[k]
       for j in range(k):
@@ -103,10 +102,23 @@ class Ramp:
   """A multistep part's warm-up by lower-order multistep steps (1 evaluation a step)."""
 
 
+@dataclasses.dataclass(frozen=True)
+class HeunRamp:
+  """diffusers' PLMS start: one improved-Euler (Heun) step, then lower orders from 2.
+
+  Only the Heun step's first evaluation enters the history. Under the
+  `diffusers` convention its end move restarts a nominal step before the next
+  grid time, as PNDMScheduler does (docs/methods.md §5).
+  """
+
+  rule: ClassVar[RungeKutta] = HEUN
+
+
 RAMP = Ramp()
+HEUN_RAMP = HeunRamp()
 
 GradientPart = RungeKutta | LinearMultistep
-Warmup = RungeKutta | Ramp
+Warmup = RungeKutta | Ramp | HeunRamp
 
 
 def variable_step_weights(nodes: np.ndarray, start: float, end: float) -> np.ndarray:

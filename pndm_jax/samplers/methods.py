@@ -18,9 +18,11 @@ from pndm_jax.samplers.ancestral import FixedLarge, FixedSmall, Variance
 from pndm_jax.samplers.gradients import (
   EULER,
   HEUN,
+  HEUN_RAMP,
   RAMP,
   RK4,
   GradientPart,
+  HeunRamp,
   LinearMultistep,
   Ramp,
   RungeKutta,
@@ -33,8 +35,9 @@ from pndm_jax.samplers.transfer import CLASSICAL, PSEUDO, Classical, Pseudo, Tra
 class Deterministic:
   """transfer x gradient part; a multistep part names how its history is warmed up.
 
-  `warmup` is a Runge-Kutta tableau run for the first order-1 steps, or RAMP
-  (lower-order multistep steps); single-step parts take none.
+  `warmup` is a Runge-Kutta tableau run for the first order-1 steps, RAMP
+  (lower-order multistep steps) or HEUN_RAMP (one Heun step, then lower orders
+  from 2: diffusers' PLMS start); single-step parts take none.
   """
 
   transfer: Transfer = PSEUDO
@@ -44,7 +47,7 @@ class Deterministic:
   def __post_init__(self):
     for part, kinds, what in ((self.transfer, (Pseudo, Classical), "transfer"),
                               (self.gradient, (RungeKutta, LinearMultistep), "gradient part"),
-                              (self.warmup, (RungeKutta, Ramp, type(None)), "warmup")):
+                              (self.warmup, (RungeKutta, Ramp, HeunRamp, type(None)), "warmup")):
       if not isinstance(part, kinds):
         raise TypeError(f"{what} must be a value ({', '.join(k.__name__ for k in kinds)}), "
                         f"got {part!r}; get_method parses names")
@@ -61,8 +64,17 @@ class Deterministic:
                        f"got {_name(self.warmup)!r}")
 
   @property
+  def warmup_rule(self) -> RungeKutta | None:
+    """The single-step rule of the warm-up steps (None: they are multistep steps)."""
+    if isinstance(self.warmup, HeunRamp):
+      return self.warmup.rule
+    return self.warmup if isinstance(self.warmup, RungeKutta) else None
+
+  @property
   def warmup_steps(self) -> int:
     """Steps taken by the single-step warm-up rule before the multistep rule starts."""
+    if isinstance(self.warmup, HeunRamp):
+      return 1
     return self.gradient.order - 1 if isinstance(self.warmup, RungeKutta) else 0
 
   def check_steps(self, discretization: schedules.Discretization) -> None:
@@ -80,7 +92,7 @@ class Deterministic:
     if isinstance(self.gradient, RungeKutta):
       return num_steps * self.gradient.num_stages
     warm = self.warmup_steps
-    return (warm * self.warmup.num_stages if warm else 0) + num_steps - warm
+    return (warm * self.warmup_rule.num_stages if warm else 0) + num_steps - warm
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,8 +133,11 @@ PRESETS: dict[str, Method] = {
     "s-pndm": Deterministic(PSEUDO, LinearMultistep(2), HEUN),
     "f-pndm": Deterministic(PSEUDO, LinearMultistep(4), RK4),
     "fon": Deterministic(CLASSICAL, LinearMultistep(4), RK4),
+    "plms": Deterministic(PSEUDO, LinearMultistep(4), HEUN_RAMP),  # diffusers' skip_prk_steps
     "pf": ProbabilityFlow(),
 }
+# diffusers' name for F-PNDM (PNDMScheduler with its PRK warm-up)
+ALIASES: dict[str, str] = {"pndm": "f-pndm"}
 
 TRANSFERS: dict[str, Transfer] = {"pseudo": PSEUDO, "classical": CLASSICAL}
 _SINGLE_STEP: dict[str, RungeKutta] = {"euler": EULER, "heun": HEUN, "rk4": RK4}
@@ -133,7 +148,8 @@ GRADIENTS: dict[str, GradientPart] = {
     **{f"lms{k}": LinearMultistep(k) for k in (2, 3, 4)},
     **{f"vlms{k}": LinearMultistep(k, variable_step=True) for k in (2, 3, 4)},
 }
-WARMUPS: dict[str, Warmup] = {**_SINGLE_STEP, "ramp": RAMP}  # ramp: 1 eval per step
+# ramp: 1 eval per step; heunramp: one Heun step, then ramp from order 2
+WARMUPS: dict[str, Warmup] = {**_SINGLE_STEP, "ramp": RAMP, "heunramp": HEUN_RAMP}
 
 
 def _name(part: Any) -> str:
@@ -145,15 +161,20 @@ def _name(part: Any) -> str:
   return repr(part)
 
 
+def canonical_name(name: str) -> str:
+  """The lower-case name a run records: aliases (diffusers' `pndm`) become the preset's."""
+  return ALIASES.get(name.lower(), name.lower())
+
+
 def get_method(name: str, eta: float = 0.0) -> Method:
   """The method a preset or ablation name stands for.
 
   Ablation names read `TRANSFER-GRADIENT[-WARMUP]`, e.g. `classical-rk4` or
   `pseudo-lms3-heun`. Names are case-insensitive, so the reference's `DDIM`,
-  `S-PNDM`, `F-PNDM`, `FON` and `PF` work too. `eta` > 0 is only meaningful for
-  `ddim`, which then samples stochastically.
+  `S-PNDM`, `F-PNDM`, `FON` and `PF` and diffusers' `PNDM` and `PLMS` work too.
+  `eta` > 0 is only meaningful for `ddim`, which then samples stochastically.
   """
-  name = name.lower()
+  name = canonical_name(name)
   if eta:
     if name != "ddim":
       raise ValueError(f"eta={eta} applies to method 'ddim' only, got {name!r}")
@@ -167,7 +188,7 @@ def get_method(name: str, eta: float = 0.0) -> Method:
               if len(parts) == 3 else None)
     return Deterministic(TRANSFERS[parts[0]], gradient, warmup)
   raise ValueError(
-      f"unknown method {name!r}; valid choices: {', '.join(PRESETS)}, or "
+      f"unknown method {name!r}; valid choices: {', '.join([*PRESETS, *ALIASES])}, or "
       f"TRANSFER-GRADIENT[-WARMUP] with TRANSFER in {{{', '.join(TRANSFERS)}}}, "
       f"GRADIENT in {{{', '.join(GRADIENTS)}}}, WARMUP in {{{', '.join(WARMUPS)}}} "
       f"(multistep only)")

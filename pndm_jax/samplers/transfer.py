@@ -2,23 +2,23 @@
 
 Every deterministic step has the same shape. A model evaluation e at some
 stage becomes the transfer's gradient quantity g (x the state at the start of
-the step), and the state moves to the point a fraction c of the way through the
-step (an RK stage node, or 1: the step's end) as
+the step), and move k of the step (to RK stage k+1, or the last: to the step's
+end) takes x to
 
-    x_c = x + R_c x + S_c g.
+    x_k = x + R_k x + S_k g.
 
-For the pseudo transfer (DDIM's phi) g = e and (R_c, S_c) are phi's
-coefficients from t to that point, in the reference's cancellation-free
-difference form. For the classical transfer g = P x + Q e is the per-unit
-increment phi(x, e, t -> t-1) - x and the move is linear in t: R_c = 0,
-S_c = c (t - t_next). Samplers only ever see these float64 arrays (cast to the
-data's dtype) and `gradient`, so one scan body serves both.
+Where each move starts and ends is the discretization's `StepPlan`. For the
+pseudo transfer g = e and (R_k, S_k) are phi's coefficients between the
+move's two alpha-bars, in the reference's cancellation-free difference form.
+For the classical transfer g = P x + Q e is the per-unit increment
+phi(x, e, t -> t-1) - x at the step's start and the move is linear in t:
+R_k = 0, S_k = (its start - its end). Samplers only ever see these float64
+arrays (cast to the data's dtype) and `gradient`, so one scan body serves both.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 from typing import ClassVar
 
 import jax
@@ -42,12 +42,11 @@ class Pseudo:
   integrates_in_sigma: ClassVar[bool] = True
 
   def coefficients(self, discretization: schedules.Discretization,
-                   nodes: Sequence[float]) -> dict[str, np.ndarray]:
-    """R, S [S, len(nodes)]: the moves to each fraction c of a step in `nodes`."""
-    d = discretization
-    a = d.alpha_bar(d.t)
-    moves = [pseudo_coefficients(a, d.alpha_bar(d.times(c))) for c in nodes]
-    return dict(R=np.stack([r for r, _ in moves], 1), S=np.stack([s for _, s in moves], 1))
+                   plan: schedules.StepPlan) -> dict[str, np.ndarray]:
+    """R, S [S, K]: the plan's moves."""
+    alpha_bar = discretization.alpha_bar
+    r, s = pseudo_coefficients(alpha_bar(plan.from_t), alpha_bar(plan.to_t))
+    return dict(R=r, S=s)
 
   def gradient(self, c: dict[str, jax.Array], x: jax.Array, e: jax.Array) -> jax.Array:
     """g = e."""
@@ -61,12 +60,11 @@ class Classical:
   integrates_in_sigma: ClassVar[bool] = False
 
   def coefficients(self, discretization: schedules.Discretization,
-                   nodes: Sequence[float]) -> dict[str, np.ndarray]:
-    """P, Q [S] and R, S [S, len(nodes)]: the moves to each fraction c of a step in `nodes`."""
+                   plan: schedules.StepPlan) -> dict[str, np.ndarray]:
+    """P, Q [S] at each step's start and R, S [S, K]: the plan's moves."""
     d = discretization
     p, q = pseudo_coefficients(d.alpha_bar(d.t), d.alpha_bar(d.t - 1))
-    h = d.t - d.t_next
-    return dict(P=p, Q=q, R=np.zeros((len(h), len(nodes))), S=np.outer(h, nodes))
+    return dict(P=p, Q=q, R=np.zeros(plan.from_t.shape), S=plan.from_t - plan.to_t)
 
   def gradient(self, c: dict[str, jax.Array], x: jax.Array, e: jax.Array) -> jax.Array:
     """g = P x + Q e = phi(x, e, t -> t-1) - x."""

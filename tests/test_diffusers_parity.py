@@ -1,0 +1,123 @@
+"""The `diffusers` convention against diffusers' own PNDMScheduler, model call by model call.
+
+Both sides are driven by the same float64 eps function (an exact Gaussian-mixture
+eps written here) and diffusers' alpha tables are recomputed in float64, so what
+is compared is the algorithm, not diffusers' float32 storage (docs/methods.md §3).
+"""
+
+import itertools
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from configs import default
+from pndm_jax import diffusers_scheduler, sampler_spec, samplers, schedules
+
+N = 1000
+SCHEDULES = {  # diffusers' beta_schedule with the endpoints of DDPM and of Stable Diffusion v1
+    "linear": (1e-4, 0.02),
+    "scaled_linear": (0.00085, 0.012),
+}
+# data per coordinate: 0.4 N(-0.6, 0.1^2) + 0.6 N(0.5, 0.2^2)
+WEIGHTS, MEANS, STDS = np.array([0.4, 0.6]), np.array([-0.6, 0.5]), np.array([0.1, 0.2])
+REL_TOL = 1e-9
+
+
+def float64_alphas_cumprod(name):
+  start, end = SCHEDULES[name]
+  betas = np.linspace(start, end, N) if name == "linear" else np.linspace(start**0.5, end**0.5,
+                                                                          N) ** 2
+  return np.cumprod(1.0 - betas)
+
+
+def exact_eps(x, a):
+  """E[eps | x_t = x] for the mixture above noised to alpha-bar a (float64 numpy)."""
+  x = x[..., None]
+  var = a * STDS**2 + (1.0 - a)
+  log_w = np.log(WEIGHTS) - 0.5 * (x - np.sqrt(a) * MEANS) ** 2 / var - 0.5 * np.log(var)
+  resp = np.exp(log_w - log_w.max(-1, keepdims=True))
+  resp /= resp.sum(-1, keepdims=True)
+  return np.sqrt(1.0 - a) * np.sum(resp * (x - np.sqrt(a) * MEANS) / var, -1)
+
+
+def run_diffusers(x_T, table, num_steps, **options):
+  """(model inputs, model timesteps, x0, scheduler config) of PNDMScheduler, float64 tables."""
+  scheduler = diffusers.PNDMScheduler(num_train_timesteps=N, **options)
+  scheduler.set_timesteps(num_steps)
+  scheduler.alphas_cumprod = torch.from_numpy(table)
+  scheduler.final_alpha_cumprod = torch.tensor(1.0 if options["set_alpha_to_one"] else table[0],
+                                               dtype=torch.float64)
+  x, inputs, times = torch.from_numpy(x_T), [], []
+  for t in scheduler.timesteps:
+    inputs.append(x.numpy().copy())
+    times.append(int(t))
+    eps = torch.from_numpy(exact_eps(x.numpy(), table[int(t)]))
+    x = scheduler.step(eps, t, x).prev_sample
+  return inputs, times, x.numpy(), dict(scheduler.config)
+
+
+def run_project(x_T, table, method, d):
+  """The same on the project's sampler (eagerly, to record every model call)."""
+  inputs, times = [], []
+
+  def eps_fn(x, t):
+    step = int(t[0])
+    assert t[0] == step and np.all(t == t[0])  # integer model timesteps, one per call
+    inputs.append(np.asarray(x))
+    times.append(step)
+    return jnp.asarray(exact_eps(np.asarray(x), table[step]))
+
+  with jax.disable_jit():
+    x0, nfe = samplers.run_sampler(eps_fn, jnp.asarray(x_T), method, d)
+  return inputs, times, np.asarray(x0), nfe
+
+
+def relative_difference(a, b):
+  return np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+@pytest.mark.parametrize(
+    "skip_prk_steps, num_steps, schedule_name, steps_offset, set_alpha_to_one, spacing",
+    list(itertools.product([True, False], [10, 25, 30, 50], list(SCHEDULES), [0, 1],
+                           [False, True], ["leading", "trailing", "linspace"])))
+def test_trajectory_matches_pndm_scheduler(x64, skip_prk_steps, num_steps, schedule_name,
+                                           steps_offset, set_alpha_to_one, spacing):
+  table = float64_alphas_cumprod(schedule_name)
+  start, end = SCHEDULES[schedule_name]
+  x_T = np.random.default_rng(num_steps).standard_normal((3, 4))
+  theirs = run_diffusers(x_T, table, num_steps, beta_schedule=schedule_name, beta_start=start,
+                         beta_end=end, skip_prk_steps=skip_prk_steps,
+                         set_alpha_to_one=set_alpha_to_one, steps_offset=steps_offset,
+                         timestep_spacing=spacing)
+  config = default.get_config()  # the project's side comes from the scheduler's own config
+  diffusers_scheduler.apply_scheduler_config(config, theirs[3])
+  config.sampler.num_steps = num_steps
+  spec = sampler_spec.from_config(config)
+  assert spec.method_name == ("plms" if skip_prk_steps else "f-pndm")
+  ours = run_project(x_T, table, spec.method, spec.discretization)
+  assert ours[1] == theirs[1]  # the model is called at the same timesteps, in order
+  assert ours[3] == len(theirs[1]) == num_steps + (1 if skip_prk_steps else 9)
+  for k, (a, b) in enumerate(zip(ours[0], theirs[0], strict=True)):
+    assert relative_difference(a, b) <= REL_TOL, f"model input {k} at t={theirs[1][k]}"
+  assert relative_difference(ours[2], theirs[2]) <= REL_TOL
+
+
+@pytest.mark.parametrize("change", [dict(set_alpha_to_one=True), dict(steps_offset=0),
+                                    dict(spacing="trailing", steps_offset=0)])
+def test_every_option_is_visible_to_the_comparison(x64, change):
+  """Changing one option on the project's side breaks parity by far more than the tolerance."""
+  table = float64_alphas_cumprod("scaled_linear")
+  x_T = np.random.default_rng(0).standard_normal((3, 4))
+  stable_diffusion = dict(set_alpha_to_one=False, steps_offset=1)
+  _, _, theirs, _ = run_diffusers(x_T, table, 50, beta_schedule="scaled_linear",
+                                  beta_start=0.00085, beta_end=0.012, skip_prk_steps=True,
+                                  timestep_spacing="leading", **stable_diffusion)
+  schedule = schedules.Schedule("scaled_linear", N, 0.00085, 0.012)
+  d = schedules.Discretization(schedule, 50, convention="diffusers",
+                               **{"spacing": "leading", **stable_diffusion, **change})
+  _, _, ours, _ = run_project(x_T, table, samplers.get_method("plms"), d)
+  assert relative_difference(ours, theirs) > 1e3 * REL_TOL
