@@ -64,7 +64,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.sampler.method = "f-pndm"
   config.sampler.num_steps = 50
   config.sampler.convention = "paper"  # alpha-bar convention: paper | consistent | diffusers
-  config.sampler.spacing = "uniform"  # timesteps: uniform | linspace | leading | trailing
+  config.sampler.spacing = "uniform"  # timesteps: uniform | linspace | leading | trailing |
+                                      # quadratic | time_uniform | logsnr | karras (consistent)
   config.sampler.steps_offset = 0     # spacing 'leading': added to every timestep (diffusers')
   config.sampler.set_alpha_to_one = False  # convention 'diffusers': last step ends at 1, not A[0]
   config.sampler.eta = 0.0

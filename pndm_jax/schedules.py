@@ -25,7 +25,11 @@ SCHEDULES = ("linear", "scaled_linear", "cosine", "trained")
 SCHEDULE_ALIASES = {"quad": "scaled_linear", "squaredcos_cap_v2": "cosine"}
 BETA_START, BETA_END = 1e-4, 0.02  # the DDPM endpoints of `linear` and `scaled_linear`
 CONVENTIONS = ("paper", "consistent", "diffusers")
-SPACINGS = ("uniform", "linspace", "leading", "trailing")
+SPACINGS = ("uniform", "linspace", "leading", "trailing",
+            "quadratic", "time_uniform", "logsnr", "karras")
+# spacings with fractional timesteps: they need the continuous (`consistent`) alpha-bar
+CONTINUOUS_SPACINGS = ("quadratic", "time_uniform", "logsnr", "karras")
+KARRAS_RHO = 7.0  # Karras et al. (2022)'s rho
 
 ArrayLike = np.ndarray | jax.Array | float
 
@@ -208,10 +212,13 @@ class Discretization:
     if self.set_alpha_to_one and self.convention != "diffusers":
       raise ValueError(f"set_alpha_to_one applies to convention 'diffusers' only; "
                        f"{self.convention!r} defines its own final alpha-bar (docs/methods.md §3)")
-    if self.convention == "diffusers" and self.spacing == "uniform":
-      raise ValueError("convention 'diffusers' takes spacing 'leading', 'trailing' or "
-                       "'linspace' (diffusers' timestep_spacing), got 'uniform'")
-    t = _grid(self.spacing, n, s, self.steps_offset)
+    if self.convention == "diffusers" and self.spacing not in ("leading", "trailing", "linspace"):
+      raise ValueError(f"convention 'diffusers' takes spacing 'leading', 'trailing' or "
+                       f"'linspace' (diffusers' timestep_spacing), got {self.spacing!r}")
+    if self.spacing in CONTINUOUS_SPACINGS and self.convention != "consistent":
+      raise ValueError(f"spacing {self.spacing!r} has fractional timesteps, which only the "
+                       f"'consistent' convention reads continuously; got {self.convention!r}")
+    t = _grid(self.spacing, self.schedule, s, self.steps_offset)
     if self.convention == "diffusers":
       t_next = t - n // s
     else:
@@ -281,17 +288,44 @@ class Discretization:
     return _read_only(StepPlan(eval_t, from_t, to_t))
 
 
-def _grid(spacing: str, n: int, s: int, offset: int) -> np.ndarray:
+def _grid(spacing: str, schedule: Schedule, s: int, offset: int) -> np.ndarray:
   """The model's timesteps of `spacing`, largest first (as float64)."""
+  n = schedule.num_timesteps
   if spacing == "uniform":
     t = np.arange(0, n, n // s)
   elif spacing == "linspace":
     t = np.linspace(0, n - 1, s).round()
   elif spacing == "leading":
     t = np.arange(s) * (n // s) + offset
-  else:  # trailing: diffusers' float arange, whose length can round up to S + 1: keep S
+  elif spacing == "trailing":  # diffusers' float arange, whose length can round up to S + 1
     return np.round(np.arange(n, 0, -n / s))[:s] - 1.0
+  elif spacing == "quadratic":  # DDIM's, kept fractional (its int cast repeats t from S = 30)
+    t = np.linspace(np.sqrt(0.8 * n), 0, s) ** 2
+    t[0] = 0.8 * n  # exactly, not sqrt(0.8 n)^2
+    return t
+  elif spacing == "time_uniform":
+    return np.linspace(n - 1, 0, s)
+  else:  # uniform in log-SNR, or in sigma^(1/rho), between the table's ends
+    log_snr = np.log(schedule.alphas_cumprod / (1.0 - schedule.alphas_cumprod))
+    ends = log_snr[[0, -1]]
+    if spacing == "karras":
+      root_sigma = np.exp(-ends / (2 * KARRAS_RHO))
+      ends = -2 * KARRAS_RHO * np.log(np.linspace(*root_sigma, s))
+      t = _time_of_log_snr(schedule, ends)
+    else:
+      t = _time_of_log_snr(schedule, np.linspace(*ends, s))
+    t[[0, -1]] = 0, n - 1  # exact ends, whatever the inversion's rounding (S = 1: the top)
   return t[::-1].astype(np.float64)
+
+
+def _time_of_log_snr(schedule: Schedule, log_snr: np.ndarray) -> np.ndarray:
+  """The t whose `consistent` alpha-bar has log-SNR `log_snr` (log a/(1-a)), on [0, N-1].
+
+  Inverts the log-linear interpolation of log A between integers, which is monotone.
+  """
+  a = 1.0 / (1.0 + np.exp(-log_snr))
+  log_table = np.log(schedule.alphas_cumprod)
+  return np.interp(-np.log(a), -log_table, np.arange(schedule.num_timesteps, dtype=np.float64))
 
 
 def _read_only(plan: StepPlan) -> StepPlan:

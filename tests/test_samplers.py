@@ -114,13 +114,13 @@ def test_parity_grid_has_fractional_midpoints():
 # --- convergence against the closed-form Gaussian solution ('consistent') ---
 
 
-def gaussian_errors(method, steps_list, schedule_name="linear"):
+def gaussian_errors(method, steps_list, schedule_name="linear", spacing="uniform"):
   gauss = analytic.gaussian(dim=8)
   sched = schedules.Schedule(schedule_name)
   x_T = jax.random.normal(jax.random.key(0), (64, 8), jnp.float64)
   errors = []
   for s in steps_list:
-    d = schedules.Discretization(sched, s, spacing="uniform", convention="consistent")
+    d = schedules.Discretization(sched, s, spacing=spacing, convention="consistent")
     eps_fn = gauss.eps_fn(d.alpha_bar)
     a_start, a_end = analytic.ode_endpoints(d)
     x0 = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method(method), d)
@@ -150,10 +150,12 @@ def test_every_pseudo_method_converges(x64, method):
   assert np.all(np.diff(errors) < 0), errors
 
 
-def test_variable_step_plms_in_sigma_keeps_high_order(x64):
-  errors = gaussian_errors("pseudo-vlms4-rk4", STEPS)
+@pytest.mark.parametrize("spacing", ["uniform", "logsnr"])
+def test_variable_step_plms_in_sigma_keeps_high_order(x64, spacing):
+  errors = gaussian_errors("pseudo-vlms4-rk4", STEPS, spacing=spacing)
   assert np.all(np.diff(errors) < 0) and fitted_order(STEPS, errors) >= 2.5
-  assert fitted_order(STEPS, gaussian_errors("f-pndm", STEPS)) < 2.0  # what it fixes
+  fixed = gaussian_errors("f-pndm", STEPS, spacing=spacing)
+  assert fitted_order(STEPS, fixed) < 2.0  # what it fixes
 
 
 def test_variable_step_weights_integrate_the_interpolant_exactly():

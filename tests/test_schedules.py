@@ -201,3 +201,33 @@ def test_scheduler_config_translation():
                      (dict(trained_betas=[0.1] * 1000), "save them as a .npy")]:
     with pytest.raises(ValueError, match=match):
       diffusers_scheduler.apply_scheduler_config(default.get_config(), bad)
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("spacing", schedules.SPACINGS)
+def test_every_grid_decreases_strictly_between_its_ends_for_every_s(schedule_name, spacing):
+  schedule = schedules.Schedule(schedule_name, 1000)
+  top = 800 if spacing == "quadratic" else 999
+  for s in range(1, 1001):
+    d = schedules.Discretization(schedule, s, spacing, "consistent")
+    walk = np.append(d.t, d.t_next[-1])
+    assert np.all(np.diff(walk) < 0), (s, walk)  # no repeated timestep anywhere
+    assert np.array_equal(d.t_next[:-1], d.t[1:]) and d.t_next[-1] == -1
+    assert d.t[-1] == (round(1000 / s) - 1 if spacing == "trailing" else 0) or s == 1
+    if spacing in schedules.CONTINUOUS_SPACINGS or spacing in ("linspace", "trailing"):
+      assert len(d.t) == s and (d.t[0] == top or s == 1 and spacing == "linspace"), (s, d.t[:2])
+
+
+def test_log_snr_and_karras_grids_are_uniform_in_their_variables():
+  d = schedules.Discretization(LINEAR, 20, "logsnr", "consistent")
+  a = d.alpha_bar(d.t)
+  assert np.allclose(np.diff(np.log(a / (1 - a))), np.log(a / (1 - a))[1] - np.log(a / (1 - a))[0],
+                     rtol=1e-9)
+  d = schedules.Discretization(schedules.Schedule("cosine"), 20, "karras", "consistent")
+  a = d.alpha_bar(d.t)
+  root = ((1 - a) / a) ** (1 / (2 * schedules.KARRAS_RHO))  # sigma^(1/rho)
+  assert np.allclose(np.diff(root), root[1] - root[0], rtol=1e-9)
+  quadratic = schedules.Discretization(LINEAR, 10, "quadratic", "consistent").t
+  assert np.allclose(quadratic[::-1], np.linspace(0, np.sqrt(800), 10) ** 2, rtol=1e-12)
+  with pytest.raises(ValueError, match="fractional timesteps"):
+    schedules.Discretization(LINEAR, 10, "logsnr", "paper")
