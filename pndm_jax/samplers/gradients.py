@@ -82,8 +82,8 @@ class LinearMultistep:
     """
     d = discretization
     num_steps = len(d.t)
-    sigma = lambda t: np.sqrt((1.0 - d.alpha_bar(t)) / d.alpha_bar(t))
-    start, end = sigma(d.t), sigma(d.t_next)  # nodes are the steps' starts
+    sigma = lambda a: np.sqrt((1.0 - a) / a)
+    start, end = sigma(d.alpha_bar(d.t)), sigma(d.alpha_bar(d.t_next))  # nodes: the steps' starts
     steps = np.arange(num_steps)
     weights = np.zeros((num_steps, self.order))
     for i in steps:
