@@ -126,7 +126,7 @@ class Schedule:
     and jax arrays (traced, e.g. inside an analytic eps_fn). (`diffusers` also
     depends on the grid: see `Discretization.alpha_bar`.)
     """
-    choices.check("alpha-bar convention", convention, CONVENTIONS[:2])
+    choices.check("alpha-bar convention", convention, ("paper", "consistent"))
     xp = jnp if isinstance(t, jax.Array) else np
     table = self.alphas_cumprod
     if convention == "paper":
