@@ -68,7 +68,14 @@ def get_config() -> ml_collections.ConfigDict:
                                       # quadratic | time_uniform | logsnr | karras (consistent)
   config.sampler.steps_offset = 0     # spacing 'leading': added to every timestep (diffusers')
   config.sampler.set_alpha_to_one = False  # convention 'diffusers': last step ends at 1, not A[0]
+  config.sampler.grid_end = "zero"  # or sigma_min: end at A[0] (consistent, fractional spacings)
   config.sampler.eta = 0.0
+  # deterministic methods' options (docs/methods.md §6): None keeps the method's own
+  config.sampler.lower_order_final = ml_collections.config_dict.placeholder(bool)
+  config.sampler.denoise_to_zero = False  # one more evaluation: A[0] -> the data prediction
+  config.sampler.thresholding = False  # clip each evaluation's data prediction (Imagen's)
+  config.sampler.threshold_ratio = 0.995  # thresholding: the quantile of |x0| per image ...
+  config.sampler.threshold_max = 1.0      # ... clamped to [1, threshold_max]
   config.sampler.num_samples = 64
   config.sampler.batch_size = 64
   config.sampler.seed = 0

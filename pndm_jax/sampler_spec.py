@@ -56,7 +56,8 @@ class SamplerSpec:
     They name the default sample directory and are recorded in it. Probability
     flow controls its step size over a whole batch, so there the batch size counts too.
     """
-    settings = dict(method=self.method_name, **self.discretization.settings(), eta=self.eta,
+    settings = dict(method=self.method_name, **samplers.method_options(self.method),
+                    **self.discretization.settings(), eta=self.eta,
                     seed=self.seed, model=self.model, checkpoint=self.checkpoint,
                     checkpoint_step=self.checkpoint_step,
                     checkpoint_list_entry=self.checkpoint_list_entry)
@@ -76,10 +77,13 @@ def from_config(config: ml_collections.ConfigDict, num_devices: int | None = Non
   for name in ("num_samples", "batch_size", "chunk_size"):
     if s[name] < 1:
       raise ValueError(f"config.sampler.{name} must be >= 1, got {s[name]}")
-  method = samplers.get_method(s.method, s.eta)
+  thresholding = (samplers.Thresholding(s.threshold_ratio, s.threshold_max)
+                  if s.thresholding else None)
+  method = samplers.get_method(s.method, s.eta, lower_order_final=s.lower_order_final,
+                               denoise_to_zero=s.denoise_to_zero, thresholding=thresholding)
   discretization = schedules.Discretization(
       schedules.from_config(d), s.num_steps, spacing=s.spacing, convention=s.convention,
-      steps_offset=s.steps_offset, set_alpha_to_one=s.set_alpha_to_one)
+      steps_offset=s.steps_offset, set_alpha_to_one=s.set_alpha_to_one, end=s.grid_end)
   spec = SamplerSpec(
       method_name=samplers.canonical_name(s.method), method=method, discretization=discretization,
       eta=float(s.eta), seed=s.seed,

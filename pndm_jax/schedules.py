@@ -30,6 +30,10 @@ SPACINGS = ("uniform", "linspace", "leading", "trailing",
 # spacings with fractional timesteps: they need the continuous (`consistent`) alpha-bar
 CONTINUOUS_SPACINGS = ("quadratic", "time_uniform", "logsnr", "karras")
 KARRAS_RHO = 7.0  # Karras et al. (2022)'s rho
+# where the last step of a `consistent` grid ends: sigma = 0, or A[0] (t = 0)
+GRID_ENDS = ("zero", "sigma_min")
+# the variable in which a Runge-Kutta step's stage nodes c are fractions of the step
+STAGE_VARIABLES = ("t", "sigma", "log_snr")
 
 ArrayLike = np.ndarray | jax.Array | float
 
@@ -139,6 +143,16 @@ class Schedule:
     between = xp.exp((1.0 - frac) * log_table[lo] + frac * log_table[lo + 1])
     return xp.where(u == xp.floor(u), xp.asarray(with_one)[xp.floor(u).astype(xp.int32)], between)
 
+  def time_of_alpha_bar(self, a: np.ndarray) -> np.ndarray:
+    """The t in [-1, N-1] whose `consistent` alpha-bar is `a` (host, float64).
+
+    Inverts the log-linear interpolation of log A between integers (A[-1] = 1), which is
+    monotone; alpha-bars outside [A[N-1], 1] are clipped to the ends.
+    """
+    with_one = np.concatenate([[1.0], self.alphas_cumprod])
+    t = np.arange(-1.0, self.num_timesteps)
+    return np.interp(-np.log(np.asarray(a, np.float64)), -np.log(with_one), t)
+
 
 def from_config(diffusion: ml_collections.ConfigDict) -> Schedule:
   """The schedule `config.diffusion` names; `trained` reads its betas from a .npy or text file."""
@@ -189,6 +203,9 @@ class Discretization:
   `convention` `paper` / `consistent` step from each t to the next one (the last
   to -1); `diffusers` steps from t to t - N // S and reads A[t], or for t < 0
   A[0] (1 with `set_alpha_to_one`), as diffusers' PNDMScheduler does.
+  `end="sigma_min"` (`consistent`, fractional spacings): the spacing places S + 1
+  times and the last step ends at t = 0 (A[0]) instead of at sigma = 0, as
+  DPM-Solver's discrete-time grids do (docs/methods.md §2).
   """
 
   schedule: Schedule
@@ -197,6 +214,7 @@ class Discretization:
   convention: str = "paper"
   steps_offset: int = 0
   set_alpha_to_one: bool = False
+  end: str = "zero"
   t: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
   t_next: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
@@ -218,11 +236,18 @@ class Discretization:
     if self.spacing in CONTINUOUS_SPACINGS and self.convention != "consistent":
       raise ValueError(f"spacing {self.spacing!r} has fractional timesteps, which only the "
                        f"'consistent' convention reads continuously; got {self.convention!r}")
-    t = _grid(self.spacing, self.schedule, s, self.steps_offset)
-    if self.convention == "diffusers":
-      t_next = t - n // s
+    choices.check("grid end", self.end, GRID_ENDS)
+    if self.end == "sigma_min":
+      if self.convention != "consistent" or self.spacing not in CONTINUOUS_SPACINGS:
+        raise ValueError(f"end 'sigma_min' needs convention 'consistent' and one of the spacings "
+                         f"{', '.join(CONTINUOUS_SPACINGS)}; got {self.convention!r}, "
+                         f"{self.spacing!r} (convention 'diffusers' ends at A[0] without "
+                         f"set_alpha_to_one)")
+      t_all = _grid(self.spacing, self.schedule, s + 1, self.steps_offset)
+      t, t_next = t_all[:-1], t_all[1:]
     else:
-      t_next = np.concatenate([t[1:], [-1]])
+      t = _grid(self.spacing, self.schedule, s, self.steps_offset)
+      t_next = t - n // s if self.convention == "diffusers" else np.concatenate([t[1:], [-1]])
     first_read = t[0] + (self.convention == "paper")
     if first_read > n - 1:
       fix = "choose another num_steps or convention='consistent'"
@@ -244,6 +269,8 @@ class Discretization:
       settings["steps_offset"] = self.steps_offset
     if self.convention == "diffusers":
       settings["set_alpha_to_one"] = self.set_alpha_to_one
+    if self.end != "zero":
+      settings["end"] = self.end
     return settings
 
   def alpha_bar(self, t: ArrayLike) -> ArrayLike:
@@ -254,10 +281,13 @@ class Discretization:
     final = 1.0 if self.set_alpha_to_one else self.schedule.alphas_cumprod[0]
     return xp.where(xp.asarray(t) >= 0, self.schedule.alpha_bar(t, "consistent"), final)
 
-  def plan(self, c: Sequence[float], restart: bool = False) -> StepPlan:
-    """Where a step with stage nodes `c` (c[0] = 0) evaluates the model and moves x.
+  def plan(self, c: Sequence[float], restart: bool = False, nodes: str = "t",
+           num_steps: int | None = None) -> StepPlan:
+    """Where each of the first `num_steps` steps (all by default) with stage nodes `c`
+    (c[0] = 0) evaluates the model and moves x.
 
-    `paper` / `consistent`: stage k at t + c[k] (t_next - t), every move from t.
+    `paper` / `consistent`: stage k at the fraction c[k] of the step in `nodes`
+    (t; or, `consistent` only, sigma or log-SNR, docs/methods.md §5), every move from t.
     `diffusers` (its PRK rule, docs/methods.md §3): with k = N // S and t' the
     next step's t, stage k > 0 is evaluated at t' + floor((1 - c[k]) k), the
     first move goes to t - floor(c[1] k), later ones to the stage they reach,
@@ -268,13 +298,19 @@ class Discretization:
     c = np.asarray(c, np.float64)
     if c.ndim != 1 or not len(c) or c[0] != 0:
       raise ValueError(f"stage nodes must start with 0, got {tuple(c)}")
-    t, t_next = self.t[:, None], self.t_next[:, None]
+    choices.check("stage variable", nodes, STAGE_VARIABLES)
+    if nodes != "t" and self.convention != "consistent":
+      raise ValueError(f"stages placed in {nodes} need the continuous alpha-bar of convention "
+                       f"'consistent', got {self.convention!r}")
+    rows = slice(num_steps)
+    t, t_next = self.t[rows, None], self.t_next[rows, None]
     if self.convention != "diffusers":
-      eval_t = t + c * (t_next - t)
+      eval_t = t + c * (t_next - t) if nodes == "t" else self._stage_times(c, nodes, t, t_next)
       to_t = np.concatenate([eval_t[:, 1:], t_next], axis=1)
       return _read_only(StepPlan(eval_t, np.broadcast_to(t, eval_t.shape), to_t))
     if len(c) == 1:
       return _read_only(StepPlan(t, t, t_next))
+    t, t_next = self.t[:, None], self.t_next[:, None]
     skip = self.schedule.num_timesteps // self.num_steps
     t_grid = np.concatenate([t[1:], t_next[-1:]])
     eval_t = np.concatenate([t, t_grid + np.floor((1.0 - c[1:]) * skip)], axis=1)
@@ -285,7 +321,29 @@ class Discretization:
     if from_t.max() > self.schedule.num_timesteps - 1:
       raise ValueError(f"this grid's steps would read alpha-bar at t={int(from_t.max())}, past "
                        f"the table of {self.schedule.num_timesteps}; choose another num_steps")
-    return _read_only(StepPlan(eval_t, from_t, to_t))
+    return _read_only(StepPlan(eval_t[rows], from_t[rows], to_t[rows]))
+
+  def _stage_times(self, c: np.ndarray, nodes: str, t: np.ndarray,
+                   t_next: np.ndarray) -> np.ndarray:
+    """[S, K] times of the stages at fractions c of steps t -> t_next ([S, 1]) in sigma or
+    log-SNR (consistent)."""
+    a, a_next = self.alpha_bar(t), self.alpha_bar(t_next)
+    inner = (c > 0) & (c < 1)
+    if nodes == "sigma":
+      sigma = lambda a: np.sqrt((1.0 - a) / a)
+      stage_sigma = sigma(a) + c * (sigma(a_next) - sigma(a))
+      stage_a = 1.0 / (1.0 + stage_sigma**2)
+    else:
+      if np.any(a_next == 1.0) and inner.any():
+        raise ValueError("stages placed in log-SNR cannot divide a step that ends at sigma = 0 "
+                         "(infinite log-SNR): take the last step with a first-order rule "
+                         "(lower_order_final)")
+      with np.errstate(divide="ignore", invalid="ignore"):  # only where c is 0 or 1
+        log_snr = lambda a: np.log(a) - np.log1p(-a)
+        stage_log_snr = log_snr(a) + c * (log_snr(a_next) - log_snr(a))
+        stage_a = 1.0 / (1.0 + np.exp(-stage_log_snr))
+    stage_t = self.schedule.time_of_alpha_bar(np.nan_to_num(stage_a, nan=1.0))
+    return np.where(c == 0, t, np.where(c == 1, t_next, stage_t))
 
 
 def _grid(spacing: str, schedule: Schedule, s: int, offset: int) -> np.ndarray:
@@ -311,21 +369,11 @@ def _grid(spacing: str, schedule: Schedule, s: int, offset: int) -> np.ndarray:
     if spacing == "karras":
       root_sigma = np.exp(-ends / (2 * KARRAS_RHO))
       ends = -2 * KARRAS_RHO * np.log(np.linspace(*root_sigma, s))
-      t = _time_of_log_snr(schedule, ends)
+      t = schedule.time_of_alpha_bar(1.0 / (1.0 + np.exp(-ends)))
     else:
-      t = _time_of_log_snr(schedule, np.linspace(*ends, s))
+      t = schedule.time_of_alpha_bar(1.0 / (1.0 + np.exp(-np.linspace(*ends, s))))
     t[[0, -1]] = 0, n - 1  # exact ends, whatever the inversion's rounding (S = 1: the top)
   return t[::-1].astype(np.float64)
-
-
-def _time_of_log_snr(schedule: Schedule, log_snr: np.ndarray) -> np.ndarray:
-  """The t whose `consistent` alpha-bar has log-SNR `log_snr` (log a/(1-a)), on [0, N-1].
-
-  Inverts the log-linear interpolation of log A between integers, which is monotone.
-  """
-  a = 1.0 / (1.0 + np.exp(-log_snr))
-  log_table = np.log(schedule.alphas_cumprod)
-  return np.interp(-np.log(a), -log_table, np.arange(schedule.num_timesteps, dtype=np.float64))
 
 
 def _read_only(plan: StepPlan) -> StepPlan:

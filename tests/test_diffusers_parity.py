@@ -34,14 +34,14 @@ def float64_alphas_cumprod(name):
   return np.cumprod(1.0 - betas)
 
 
-def exact_eps(x, a):
-  """E[eps | x_t = x] for the mixture above noised to alpha-bar a (float64 numpy)."""
-  x = x[..., None]
-  var = a * STDS**2 + (1.0 - a)
-  log_w = np.log(WEIGHTS) - 0.5 * (x - np.sqrt(a) * MEANS) ** 2 / var - 0.5 * np.log(var)
+def exact_eps(x, a, scale=1.0):
+  """E[eps | x_t = x] for the mixture above times `scale`, noised to alpha-bar a (float64)."""
+  x, means, stds = x[..., None], scale * MEANS, scale * STDS
+  var = a * stds**2 + (1.0 - a)
+  log_w = np.log(WEIGHTS) - 0.5 * (x - np.sqrt(a) * means) ** 2 / var - 0.5 * np.log(var)
   resp = np.exp(log_w - log_w.max(-1, keepdims=True))
   resp /= resp.sum(-1, keepdims=True)
-  return np.sqrt(1.0 - a) * np.sum(resp * (x - np.sqrt(a) * MEANS) / var, -1)
+  return np.sqrt(1.0 - a) * np.sum(resp * (x - np.sqrt(a) * means) / var, -1)
 
 
 def run_diffusers(x_T, table, num_steps, **options):
@@ -60,7 +60,7 @@ def run_diffusers(x_T, table, num_steps, **options):
   return inputs, times, x.numpy(), dict(scheduler.config)
 
 
-def run_project(x_T, table, method, d):
+def run_project(x_T, table, method, d, scale=1.0):
   """The same on the project's sampler (eagerly, to record every model call)."""
   inputs, times = [], []
 
@@ -69,7 +69,7 @@ def run_project(x_T, table, method, d):
     assert t[0] == step and np.all(t == t[0])  # integer model timesteps, one per call
     inputs.append(np.asarray(x))
     times.append(step)
-    return jnp.asarray(exact_eps(np.asarray(x), table[step]))
+    return jnp.asarray(exact_eps(np.asarray(x), table[step], scale))
 
   with jax.disable_jit():
     x0, nfe = samplers.run_sampler(eps_fn, jnp.asarray(x_T), method, d)
@@ -120,4 +120,108 @@ def test_every_option_is_visible_to_the_comparison(x64, change):
   d = schedules.Discretization(schedule, 50, convention="diffusers",
                                **{"spacing": "leading", **stable_diffusion, **change})
   _, _, ours, _ = run_project(x_T, table, samplers.get_method("plms"), d)
+  assert relative_difference(ours, theirs) > 1e3 * REL_TOL
+
+
+# --- the multistep baselines against diffusers' DPMSolverMultistep/UniPCMultistep/DEISMultistep ---
+
+
+class _Float64Torch:
+  """The torch module, except that `torch.float32` is float64: DPMSolverMultistepScheduler.step
+  casts the sample to float32, which would compare float32 rounding, not the algorithm."""
+
+  float32 = torch.float64
+
+  def __getattr__(self, name):
+    return getattr(torch, name)
+
+
+def run_multistep_scheduler(cls, x_T, table, num_steps, final_sigma, scale, **options):
+  """(model inputs, model timesteps, x0) of a diffusers multistep scheduler, float64 tables,
+  on the mixture times `scale`."""
+  scheduler = cls(num_train_timesteps=N, timestep_spacing="trailing", **options)
+  scheduler.alphas_cumprod = torch.from_numpy(table)  # set_timesteps reads it for the sigmas
+  scheduler.set_timesteps(num_steps)
+  sigma = np.sqrt((1.0 - table) / table)
+  last = 0.0 if final_sigma == "zero" else sigma[0]
+  scheduler.sigmas = torch.from_numpy(np.append(sigma[scheduler.timesteps.numpy()], last))
+  x, inputs, times = torch.from_numpy(x_T), [], []
+  for t in scheduler.timesteps:
+    inputs.append(x.numpy().copy())
+    times.append(int(t))
+    eps = torch.from_numpy(exact_eps(x.numpy(), table[int(t)], scale))
+    x = scheduler.step(eps, t, x).prev_sample
+  return inputs, times, x.numpy()
+
+
+BASELINES = {  # project method -> (diffusers scheduler, its options)
+    **{f"dpm++{k}m": (diffusers.DPMSolverMultistepScheduler,
+                      dict(solver_order=k, algorithm_type="dpmsolver++", solver_type="midpoint"))
+       for k in (2, 3)},
+    **{f"unipc{k}{suffix}": (diffusers.UniPCMultistepScheduler,
+                             dict(solver_order=k, solver_type=variant, predict_x0=True))
+       for k in (2, 3) for suffix, variant in (("", "bh2"), ("-bh1", "bh1"))},
+    **{f"pseudo-logrho{k}-ramp": (diffusers.DEISMultistepScheduler,
+                                  dict(solver_order=k, algorithm_type="deis",
+                                       solver_type="logrho"))
+       for k in (1, 2, 3)},
+}
+BASELINE_CASES = [
+    (name, num_steps, schedule_name, final, lower_order_final, thresholding)
+    for name in BASELINES for num_steps in (10, 20, 50) for schedule_name in SCHEDULES
+    for final in ("zero", "sigma_min") for lower_order_final in (True, False)
+    for thresholding in (False, True)
+    if not (BASELINES[name][0] is diffusers.DEISMultistepScheduler and final == "zero")
+    and not (thresholding and (num_steps != 20 or schedule_name != "linear"))
+    # into sigma = 0, diffusers' UniPC divides by an infinite step without lower_order_final and
+    # multiplies B(h) = -inf by 0 with bh1 (NaN either way)
+    and not (BASELINES[name][1].get("solver_type") in ("bh1", "bh2") and final == "zero"
+             and (lower_order_final is False or BASELINES[name][1]["solver_type"] == "bh1"))]
+THRESHOLDED_SCALE = 2.5  # data beyond [-1, 1], so that thresholding clips
+
+
+@pytest.mark.parametrize(
+    "name, num_steps, schedule_name, final, lower_order_final, thresholding", BASELINE_CASES)
+def test_trajectory_matches_multistep_schedulers(x64, monkeypatch, name, num_steps, schedule_name,
+                                                 final, lower_order_final, thresholding):
+  cls, options = BASELINES[name]
+  monkeypatch.setattr(diffusers.schedulers.scheduling_dpmsolver_multistep, "torch",
+                      _Float64Torch())
+  table = float64_alphas_cumprod(schedule_name)
+  start, end = SCHEDULES[schedule_name]
+  x_T = np.random.default_rng(num_steps).standard_normal((3, 2, 4))  # [B, C, ...] images
+  if cls is not diffusers.DEISMultistepScheduler:
+    options = dict(options, final_sigmas_type=final)
+  scale = THRESHOLDED_SCALE if thresholding else 1.0
+  theirs = run_multistep_scheduler(cls, x_T, table, num_steps, final, scale,
+                                   beta_schedule=schedule_name, beta_start=start, beta_end=end,
+                                   lower_order_final=lower_order_final,
+                                   thresholding=thresholding, **options)
+  d = schedules.Discretization(schedules.Schedule(schedule_name, N, start, end), num_steps,
+                               "trailing", "diffusers", set_alpha_to_one=final == "zero")
+  method = samplers.get_method(name, lower_order_final=lower_order_final,
+                               thresholding=samplers.Thresholding() if thresholding else None)
+  ours = run_project(x_T, table, method, d, scale)
+  assert ours[1] == theirs[1]  # the model is called at the same timesteps, in order
+  assert ours[3] == len(theirs[1]) == num_steps
+  for k, (a, b) in enumerate(zip(ours[0], theirs[0], strict=True)):
+    assert relative_difference(a, b) <= REL_TOL, f"model input {k} at t={theirs[1][k]}"
+  assert relative_difference(ours[2], theirs[2]) <= REL_TOL
+
+
+@pytest.mark.parametrize("name, change", [("dpm++3m", dict(lower_order_final=False)),
+                                          ("unipc3", dict(thresholding=samplers.Thresholding())),
+                                          ("unipc2", dict(lower_order_final=False))])
+def test_multistep_options_are_visible_to_the_comparison(x64, monkeypatch, name, change):
+  """Flipping one option on the project's side breaks parity by far more than the tolerance."""
+  cls, options = BASELINES[name]
+  monkeypatch.setattr(diffusers.schedulers.scheduling_dpmsolver_multistep, "torch",
+                      _Float64Torch())
+  table = float64_alphas_cumprod("linear")
+  x_T = np.random.default_rng(0).standard_normal((3, 2, 4))
+  _, _, theirs = run_multistep_scheduler(cls, x_T, table, 10, "sigma_min", THRESHOLDED_SCALE,
+                                         final_sigmas_type="sigma_min", **options)
+  d = schedules.Discretization(schedules.Schedule("linear"), 10, "trailing", "diffusers")
+  _, _, ours, _ = run_project(x_T, table, samplers.get_method(name, **change), d,
+                              THRESHOLDED_SCALE)
   assert relative_difference(ours, theirs) > 1e3 * REL_TOL

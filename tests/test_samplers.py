@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pndm_jax import analytic, samplers, schedules
-from pndm_jax.samplers import gradients
+from pndm_jax.samplers import multistep_weights
 
 LINEAR = schedules.Schedule("linear")
 
@@ -114,16 +114,17 @@ def test_parity_grid_has_fractional_midpoints():
 # --- convergence against the closed-form Gaussian solution ('consistent') ---
 
 
-def gaussian_errors(method, steps_list, schedule_name="linear", spacing="uniform"):
+def gaussian_errors(method, steps_list, schedule_name="linear", spacing="uniform", end="zero",
+                    **options):
   gauss = analytic.gaussian(dim=8)
   sched = schedules.Schedule(schedule_name)
   x_T = jax.random.normal(jax.random.key(0), (64, 8), jnp.float64)
   errors = []
   for s in steps_list:
-    d = schedules.Discretization(sched, s, spacing=spacing, convention="consistent")
+    d = schedules.Discretization(sched, s, spacing=spacing, convention="consistent", end=end)
     eps_fn = gauss.eps_fn(d.alpha_bar)
     a_start, a_end = analytic.ode_endpoints(d)
-    x0 = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method(method), d)
+    x0 = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method(method, **options), d)
     exact = gauss.exact_solution(x_T, a_start, a_end)
     errors.append(float(jnp.median(jnp.linalg.norm(x0 - exact, axis=-1))))
   return np.array(errors)
@@ -165,10 +166,10 @@ def test_variable_step_weights_integrate_the_interpolant_exactly():
     start, end = nodes[0], nodes[0] - rng.uniform(0.1, 1.0)
     poly = np.polynomial.Polynomial(rng.standard_normal(k))  # degree k - 1: interpolated exactly
     exact = (poly.integ()(end) - poly.integ()(start)) / (end - start)
-    weights = gradients.variable_step_weights(nodes, start, end)
+    weights = multistep_weights.sigma_weights(nodes, start, end)
     assert np.isclose(weights @ poly(nodes), exact, rtol=1e-10)
-    equal = gradients.variable_step_weights(start + 0.3 * np.arange(k), start, start - 0.3)
-    assert np.allclose(equal, gradients.MULTISTEP_WEIGHTS[k], rtol=1e-12)
+    equal = multistep_weights.sigma_weights(start + 0.3 * np.arange(k), start, start - 0.3)
+    assert np.allclose(equal, multistep_weights.ADAMS_BASHFORTH[k], rtol=1e-12)
 
 
 def test_fpndm_50_steps_beats_ddim_500_steps(x64):
@@ -327,10 +328,14 @@ def test_ddim_eta_zero_equals_deterministic_ddim(x64):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(method="dpm-solver"), "valid choices: ddpm, ddim, s-pndm, f-pndm, fon, plms, pf, pndm"),
-    (dict(method="pseudo-rk5"), "euler, heun, rk4, lms2, lms3, lms4"),
+    (dict(method="dpm-solver"), "valid choices: ddpm, ddim, s-pndm, f-pndm, fon, plms, pndm-v"),
+    (dict(method="pseudo-rk5"), "euler, heun, rk4, srk4, lmid, lms2, lms3, lms4"),
     (dict(method="pseudo-lms3"), "needs a warmup"),
-    (dict(method="classical-vlms4-rk4"), "integrates in sigma"),
+    (dict(method="classical-vlms4-rk4"), "written for the 'pseudo' transfer, got 'classical'"),
+    (dict(method="pseudo-dpm2-ramp"), "written for the 'data' transfer, got 'pseudo'"),
+    (dict(method="data-lmid", convention="consistent"), "take the last step with a first-order"),
+    (dict(method="deis3"), "'t' \\(DEIS's tAB\\) integrates over the continuous alpha-bar"),
+    (dict(method="pndm-v"), "stages placed in sigma need the continuous alpha-bar"),
     (dict(method="f-pndm", convention="shifted"), "paper, consistent"),
     (dict(method="f-pndm", spacing="log"), "uniform, linspace"),
     (dict(method="ddim", num_steps=0), "num_steps must be in"),
@@ -340,12 +345,18 @@ def test_ddim_eta_zero_equals_deterministic_ddim(x64):
     (dict(method="fon", num_steps=2), "at least 4 steps"),
     (dict(method="ddpm", num_steps=10), "stochastic"),
     (dict(method="f-pndm", eta=0.5), "applies to method 'ddim' only"),
+    (dict(method="ddim", convention="consistent", options=dict(denoise_to_zero=True)),
+     "already ends at alpha-bar 1"),
+    (dict(method="ddpm", options=dict(lower_order_final=True)), "apply to deterministic methods"),
+    (dict(method="dpm++2s", convention="consistent", options=dict(lower_order_final=False)),
+     "first-order rule"),
 ])
 def test_bad_input_raises_clear_errors(kwargs, match):
   kwargs = {"num_steps": 10, **kwargs}
   name, eta = kwargs.pop("method"), kwargs.pop("eta", 0.0)
+  options = kwargs.pop("options", {})
   with pytest.raises(ValueError, match=match):
-    method = samplers.get_method(name, eta)
+    method = samplers.get_method(name, eta, **options)
     samplers.run_sampler(lambda x, t: x, jnp.ones((1, 2)), method,
                          schedules.Discretization(LINEAR, **kwargs))
 
@@ -373,7 +384,7 @@ def test_names_parse_to_hashable_values():
       samplers.PSEUDO, samplers.LinearMultistep(4), samplers.RK4)
   assert samplers.get_method("ddim", eta=0.5) == samplers.Ancestral(samplers.FixedSmall(0.5))
   assert samplers.RK4.c == (0, 1 / 2, 1 / 2, 1) and samplers.HEUN.c == (0, 1)
-  assert samplers.get_method("pseudo-vlms3-ramp").gradient.variable_step
+  assert samplers.get_method("pseudo-vlms3-ramp").gradient.rule == "sigma"
   assert samplers.get_method("PNDM") == samplers.get_method("f-pndm")
   assert samplers.get_method("PLMS") == samplers.Deterministic(
       samplers.PSEUDO, samplers.LinearMultistep(4), samplers.HEUN_RAMP)
@@ -386,3 +397,141 @@ def test_names_parse_to_hashable_values():
 def test_method_values_reject_names():
   with pytest.raises(TypeError, match="get_method parses names"):
     samplers.Deterministic("pseudo", "lms4", warmup="ramp")
+
+
+# --- the fast samplers: DPM-Solver++, UniPC, DEIS, iPNDM, EDM Heun, pndm-v (docs/methods.md §6) ---
+
+FIRST_ORDER_MEMBERS = ["deis1", "pseudo-tab1-ramp", "pseudo-logrho1-ramp", "pseudo-vlms1-ramp",
+                       "data-dpm1-ramp", "data-llms1-ramp", "data-euler"]
+
+
+@pytest.mark.parametrize("name", FIRST_ORDER_MEMBERS)
+@pytest.mark.parametrize("spacing, end", [("logsnr", "zero"), ("time_uniform", "sigma_min"),
+                                          ("uniform", "zero")])
+def test_first_order_members_are_ddim(x64, name, spacing, end):
+  d = schedules.Discretization(LINEAR, 20, spacing, "consistent", end=end)
+  x_T = jax.random.normal(jax.random.key(1), (4, 3), jnp.float64)
+  eps_fn = lambda x, t: toy_eps(jnp, x, t)
+  ddim = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method("ddim"), d)
+  ours = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method(name), d)
+  assert np.max(np.abs(ours - ddim)) <= 1e-10
+
+
+@pytest.mark.parametrize("name", ["ipndm", "deis3", "pseudo-logrho3-ramp", "dpm++2m", "dpm++3m",
+                                  "dpm++2s", "unipc3", "unipc2-bh1", "edm-heun", "pndm-v-ramp"])
+def test_every_fast_sampler_starts_with_a_ddim_step(x64, name):
+  """One step: multistep methods have no history yet, and lower_order_final makes the
+  single-step ones Euler."""
+  d = schedules.Discretization(LINEAR, 1, "time_uniform", "consistent", end="sigma_min")
+  x_T = jax.random.normal(jax.random.key(1), (4, 3), jnp.float64)
+  eps_fn = lambda x, t: toy_eps(jnp, x, t)
+  ddim = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method("ddim"), d)
+  ours = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method(name), d)
+  assert np.max(np.abs(ours - ddim)) <= 1e-10
+
+
+ORDER_STEPS = [50, 100, 200, 400]
+# (method, nominal order, the least order the test accepts). The grid is uniform in log-SNR and
+# ends at A[0] (end='sigma_min'), the final orders are not lowered: every step is the method's
+# own. dpm++3m is the reference code's 3M, whose third-order term is half the exact one, so it
+# is second order (the exact log-SNR integral, data-llms3-ramp, is third); fixed-weight PLMS
+# (f-pndm, ipndm, plms) is excluded: it needs steps equal in sigma (docs/methods.md §5).
+NOMINAL_ORDERS = [("ddim", 1, 0.7), ("s-pndm", 2, 1.7), ("edm-heun", 2, 1.7), ("deis2", 2, 1.7),
+                  ("deis3", 3, 2.7), ("pseudo-logrho3-ramp", 3, 2.7), ("dpm++2m", 2, 1.7),
+                  ("dpm++2s", 2, 1.7), ("dpm++3m", 3, 1.7), ("data-llms3-ramp", 3, 2.7),
+                  ("unipc2", 3, 2.7), ("unipc2-bh1", 3, 2.7), ("unipc3", 4, 3.7),
+                  ("unipc3-bh1", 4, 3.7), ("pndm-v", 4, 3.7), ("pndm-v-ramp", 4, 3.7)]
+
+
+@pytest.mark.parametrize("method, nominal, least", NOMINAL_ORDERS)
+def test_fast_samplers_reach_their_order_on_the_gaussian(x64, method, nominal, least):
+  errors = gaussian_errors(method, ORDER_STEPS, spacing="logsnr", end="sigma_min",
+                           lower_order_final=False)
+  assert np.all(np.diff(errors) < 0), errors
+  assert fitted_order(ORDER_STEPS, errors) >= least
+  if method == "dpm++3m":  # what keeps it at second order: the exact integral is third
+    assert fitted_order(ORDER_STEPS, errors) < 2.5
+
+
+def test_data_prediction_methods_stall_on_the_step_into_sigma_zero(x64):
+  """Their log-SNR step into sigma = 0 is infinite, so it is first order whatever the method;
+  the pseudo methods integrate in sigma and keep their order (docs/methods.md §6)."""
+  stalled = gaussian_errors("unipc3", [50, 200], spacing="logsnr")
+  assert stalled[1] > 0.5 * stalled[0]
+  kept = gaussian_errors("pndm-v-ramp", [50, 200], spacing="logsnr")
+  assert kept[1] < 0.05 * kept[0] and kept[1] < 0.1 * stalled[1]
+
+
+FAST_NFE_CASES = [("dpm++2m", 10, 10), ("unipc3", 10, 10), ("deis3", 10, 10), ("ipndm", 10, 10),
+                  ("dpm++2s", 10, 19), ("edm-heun", 10, 19), ("pndm-v", 10, 19),
+                  ("pndm-v-ramp", 10, 10), ("ddim", 10, 11)]
+
+
+@pytest.mark.parametrize("method, num_steps, expected", FAST_NFE_CASES)
+def test_fast_samplers_nfe_counts_actual_calls(method, num_steps, expected):
+  calls = []
+  end = "sigma_min" if method == "ddim" else "zero"  # ddim: with denoise_to_zero
+
+  def counting_eps(x, t):
+    calls.append(np.asarray(t)[0])
+    return 0.1 * x
+
+  method = samplers.get_method(method, denoise_to_zero=end == "sigma_min")
+  d = schedules.Discretization(LINEAR, num_steps, "logsnr", "consistent", end=end)
+  assert method.num_evals(d) == expected
+  with jax.disable_jit():
+    _, nfe = samplers.run_sampler(counting_eps, jnp.ones((2, 3)), method, d)
+  assert nfe == len(calls) == expected
+  assert min(calls) >= 0  # nothing asks the network about t = -1 (sigma = 0)
+
+
+@pytest.mark.parametrize("method", ["unipc3", "dpm++2s", "pndm-v", "edm-heun"])
+def test_fast_samplers_jitted_nfe_and_flat_programs(method):
+  method = samplers.get_method(method)
+  d = schedules.Discretization(LINEAR, 20, "logsnr", "consistent")
+  reported, made = count_executions(method, jnp.ones((2, 4)), d)
+  assert reported == made == method.num_evals(d)
+  eps_fn = lambda x, t: jnp.tanh(x) * t[:, None] / 1000
+
+  def model_calls_in_program(num_steps):
+    d = schedules.Discretization(LINEAR, num_steps, "logsnr", "consistent")
+    fn = lambda x: samplers.sample_deterministic(eps_fn, x, method, d)
+    return jax.jit(fn).lower(jnp.ones((2, 3))).as_text().count("tanh")
+
+  assert model_calls_in_program(200) == model_calls_in_program(20)
+
+
+def test_denoise_to_zero_is_one_more_data_prediction_at_t_0(x64):
+  d = schedules.Discretization(LINEAR, 10)  # paper: ends at A[0]
+  x_T = jax.random.normal(jax.random.key(2), (4, 3), jnp.float64)
+  eps_fn = lambda x, t: toy_eps(jnp, x, t)
+  x = samplers.sample_deterministic(eps_fn, x_T, samplers.get_method("f-pndm"), d)
+  a = LINEAR.alphas_cumprod[0]
+  expected = (x - np.sqrt(1 - a) * toy_eps(jnp, x, jnp.zeros(4))) / np.sqrt(a)
+  denoised = samplers.sample_deterministic(
+      eps_fn, x_T, samplers.get_method("f-pndm", denoise_to_zero=True), d)
+  assert np.max(np.abs(denoised - expected)) <= 1e-12
+
+
+def test_thresholding_clips_each_image_at_its_quantile():
+  x0 = jax.random.normal(jax.random.key(3), (3, 2, 50)) * jnp.array([0.3, 1.5, 4.0])[:, None, None]
+  for max_value in (1.0, 2.5):
+    out = np.asarray(samplers.Thresholding(0.9, max_value)(x0))
+    for image, source in zip(out, np.asarray(x0), strict=True):
+      s = np.clip(np.quantile(np.abs(source), 0.9), 1.0, max_value)
+      assert np.allclose(image, np.clip(source, -s, s) / s, atol=1e-6)
+  with pytest.raises(ValueError, match="0 < ratio <= 1"):
+    samplers.Thresholding(ratio=1.5)
+
+
+def test_options_and_their_records():
+  assert samplers.get_method("dpm++2m").lower_order_final
+  assert not samplers.get_method("dpm++2m", lower_order_final=False).lower_order_final
+  assert samplers.method_options(samplers.get_method("f-pndm")) == {}
+  thresholded = samplers.get_method("unipc3", thresholding=samplers.Thresholding())
+  assert samplers.method_options(thresholded) == dict(
+      lower_order_final=True, thresholding=dict(ratio=0.995, max_value=1.0))
+  assert samplers.get_method("ipndm") == samplers.Deterministic(
+      samplers.PSEUDO, samplers.LinearMultistep(4), samplers.RAMP)
+  for name in samplers.PRESETS:
+    hash(samplers.get_method(name))

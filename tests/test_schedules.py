@@ -231,3 +231,46 @@ def test_log_snr_and_karras_grids_are_uniform_in_their_variables():
   assert np.allclose(quadratic[::-1], np.linspace(0, np.sqrt(800), 10) ** 2, rtol=1e-12)
   with pytest.raises(ValueError, match="fractional timesteps"):
     schedules.Discretization(LINEAR, 10, "logsnr", "paper")
+
+
+@pytest.mark.parametrize("spacing", schedules.CONTINUOUS_SPACINGS)
+def test_grids_ending_at_sigma_min_have_s_steps_down_to_t_0(spacing):
+  top = 800 if spacing == "quadratic" else 999
+  for s in range(1, 1001):
+    d = schedules.Discretization(LINEAR, s, spacing, "consistent", end="sigma_min")
+    walk = np.append(d.t, d.t_next[-1])
+    assert len(d.t) == s and d.t[0] == top and d.t_next[-1] == 0, (s, d.t[:2], d.t_next[-1])
+    assert np.all(np.diff(walk) < 0) and np.array_equal(d.t_next[:-1], d.t[1:]), s
+  assert d.settings()["end"] == "sigma_min"
+  assert "end" not in schedules.Discretization(LINEAR, 10, spacing, "consistent").settings()
+  for convention, grid in (("paper", "uniform"), ("consistent", "uniform"),
+                           ("diffusers", "leading")):
+    with pytest.raises(ValueError, match="end 'sigma_min' needs convention 'consistent'"):
+      schedules.Discretization(LINEAR, 10, grid, convention, end="sigma_min")
+  with pytest.raises(ValueError, match="valid choices: zero, sigma_min"):
+    schedules.Discretization(LINEAR, 10, spacing, "consistent", end="zero_snr")
+
+
+@pytest.mark.parametrize("nodes", ["sigma", "log_snr"])
+def test_stages_placed_in_sigma_or_log_snr_sit_at_fractions_of_the_step(nodes):
+  d = schedules.Discretization(schedules.Schedule("cosine"), 12, "logsnr", "consistent",
+                               end="sigma_min")
+  plan = d.plan((0.0, 0.25, 0.5, 1.0), nodes=nodes)
+  a = d.alpha_bar(plan.eval_t)
+  value = np.sqrt((1 - a) / a) if nodes == "sigma" else np.log(a / (1 - a))
+  assert np.allclose(value[:, 1:3], value[:, :1] + np.array([0.25, 0.5]) * (value[:, 3:] -
+                                                                            value[:, :1]),
+                     rtol=1e-10)
+  assert np.array_equal(plan.eval_t[:, 0], d.t) and np.array_equal(plan.eval_t[:, 3], d.t_next)
+  assert np.array_equal(plan.to_t[:, :3], plan.eval_t[:, 1:])
+  assert np.array_equal(d.plan((0.0, 0.5), nodes=nodes, num_steps=5).eval_t,
+                        d.plan((0.0, 0.5), nodes=nodes).eval_t[:5])
+  with pytest.raises(ValueError, match="continuous alpha-bar of convention 'consistent'"):
+    schedules.Discretization(LINEAR, 10).plan((0.0, 0.5), nodes=nodes)
+
+
+def test_time_of_alpha_bar_inverts_the_consistent_alpha_bar():
+  t = np.concatenate([[-1.0, -0.5, 0.0, 0.3], np.linspace(1, 999, 37)])
+  for schedule in (LINEAR, schedules.Schedule("cosine")):
+    assert np.allclose(schedule.time_of_alpha_bar(schedule.alpha_bar(t, "consistent")), t,
+                       rtol=0, atol=1e-8)

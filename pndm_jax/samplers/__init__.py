@@ -1,4 +1,5 @@
-"""PNDM-family samplers as pure, scanned JAX functions (docs/methods.md §4-§7).
+"""PNDM-family samplers and the fast samplers they are compared with, as pure, scanned JAX
+functions (docs/methods.md §4-§7).
 
     method = samplers.get_method("f-pndm")
     discretization = schedules.Discretization(schedules.Schedule("linear"), num_steps=50)
@@ -13,8 +14,10 @@ from pndm_jax.samplers.gradients import (
                                          EULER,
                                          HEUN,
                                          HEUN_RAMP,
+                                         LOG_SNR_MIDPOINT,
                                          RAMP,
                                          RK4,
+                                         SIGMA_RK4,
                                          HeunRamp,
                                          LinearMultistep,
                                          Ramp,
@@ -32,13 +35,16 @@ from pndm_jax.samplers.methods import (
                                        ProbabilityFlow,
                                        canonical_name,
                                        get_method,
+                                       method_options,
 )
 from pndm_jax.samplers.model_call import EpsFn
 from pndm_jax.samplers.probability_flow import sample_probability_flow
-from pndm_jax.samplers.transfer import CLASSICAL, PSEUDO, Classical, Pseudo
+from pndm_jax.samplers.thresholding import Thresholding
+from pndm_jax.samplers.transfer import CLASSICAL, DATA, PSEUDO, Classical, Data, Pseudo
 
 __all__ = ["run_sampler", "sample_deterministic", "sample_ancestral", "sample_probability_flow",
-           "get_method", "canonical_name", "Method", "Deterministic", "Ancestral",
+           "get_method", "canonical_name", "method_options", "Method", "Deterministic", "Ancestral",
            "ProbabilityFlow", "PRESETS", "ALIASES", "TRANSFERS", "GRADIENTS", "WARMUPS", "Pseudo",
-           "Classical", "PSEUDO", "CLASSICAL", "RungeKutta", "LinearMultistep", "Ramp", "HeunRamp",
-           "EULER", "HEUN", "RK4", "RAMP", "HEUN_RAMP", "FixedSmall", "FixedLarge", "EpsFn"]
+           "Classical", "Data", "PSEUDO", "CLASSICAL", "DATA", "RungeKutta", "LinearMultistep",
+           "Ramp", "HeunRamp", "EULER", "HEUN", "RK4", "SIGMA_RK4", "LOG_SNR_MIDPOINT", "RAMP",
+           "HEUN_RAMP", "Thresholding", "FixedSmall", "FixedLarge", "EpsFn"]

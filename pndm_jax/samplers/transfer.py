@@ -1,9 +1,8 @@
 """Transfers as values that compute their per-step affine coefficients (docs/methods.md §4).
 
 Every deterministic step has the same shape. A model evaluation e at some
-stage becomes the transfer's gradient quantity g (x the state at the start of
-the step), and move k of the step (to RK stage k+1, or the last: to the step's
-end) takes x to
+stage becomes the transfer's gradient quantity g, and move k of the step (to
+RK stage k+1, or the last: to the step's end) takes the step's start x to
 
     x_k = x + R_k x + S_k g.
 
@@ -13,13 +12,15 @@ move's two alpha-bars, in the reference's cancellation-free difference form.
 For the classical transfer g = P x + Q e is the per-unit increment
 phi(x, e, t -> t-1) - x at the step's start and the move is linear in t:
 R_k = 0, S_k = (its start - its end). Samplers only ever see these float64
-arrays (cast to the data's dtype) and `gradient`, so one scan body serves both.
+arrays (cast to the data's dtype) and `gradient`, so one scan body serves all.
+The data transfer (DPM-Solver++, UniPC) has g = D, the data prediction
+(x_e - sigma_e e) / alpha_e at the evaluated point x_e, and moves exactly for a
+constant D: x_k = (sigma_k / sigma) x + (alpha_k - alpha sigma_k / sigma) g.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
 
 import jax
 import numpy as np
@@ -39,8 +40,6 @@ def pseudo_coefficients(a: np.ndarray, a_to: np.ndarray) -> tuple[np.ndarray, np
 class Pseudo:
   """DDIM's phi: exact in sigma for a constant eps, so multistep parts may integrate in sigma."""
 
-  integrates_in_sigma: ClassVar[bool] = True
-
   def coefficients(self, discretization: schedules.Discretization,
                    plan: schedules.StepPlan) -> dict[str, np.ndarray]:
     """R, S [S, K]: the plan's moves."""
@@ -48,7 +47,8 @@ class Pseudo:
     r, s = pseudo_coefficients(alpha_bar(plan.from_t), alpha_bar(plan.to_t))
     return dict(R=r, S=s)
 
-  def gradient(self, c: dict[str, jax.Array], x: jax.Array, e: jax.Array) -> jax.Array:
+  def gradient(self, c: dict[str, jax.Array], stage: int, x: jax.Array, x_eval: jax.Array,
+               e: jax.Array) -> jax.Array:
     """g = e."""
     return e
 
@@ -57,21 +57,40 @@ class Pseudo:
 class Classical:
   """A linear step in t of the per-unit increment phi(x, e, t -> t-1) - x (FON's transfer)."""
 
-  integrates_in_sigma: ClassVar[bool] = False
-
   def coefficients(self, discretization: schedules.Discretization,
                    plan: schedules.StepPlan) -> dict[str, np.ndarray]:
     """P, Q [S] at each step's start and R, S [S, K]: the plan's moves."""
-    d = discretization
-    p, q = pseudo_coefficients(d.alpha_bar(d.t), d.alpha_bar(d.t - 1))
+    d, t = discretization, plan.from_t[:, 0]  # each step's start
+    p, q = pseudo_coefficients(d.alpha_bar(t), d.alpha_bar(t - 1))
     return dict(P=p, Q=q, R=np.zeros(plan.from_t.shape), S=plan.from_t - plan.to_t)
 
-  def gradient(self, c: dict[str, jax.Array], x: jax.Array, e: jax.Array) -> jax.Array:
-    """g = P x + Q e = phi(x, e, t -> t-1) - x."""
+  def gradient(self, c: dict[str, jax.Array], stage: int, x: jax.Array, x_eval: jax.Array,
+               e: jax.Array) -> jax.Array:
+    """g = P x + Q e = phi(x, e, t -> t-1) - x, at the step's start x."""
     return c["P"] * x + c["Q"] * e
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+  """Moves exact for a constant data prediction D (DPM-Solver++'s first-order step, = DDIM)."""
+
+  def coefficients(self, discretization: schedules.Discretization,
+                   plan: schedules.StepPlan) -> dict[str, np.ndarray]:
+    """P, Q [S, K] (D = P x_e + Q e at each stage) and R, S [S, K]: the plan's moves."""
+    alpha_bar = discretization.alpha_bar
+    a, a_to, a_eval = alpha_bar(plan.from_t), alpha_bar(plan.to_t), alpha_bar(plan.eval_t)
+    sigma, sigma_to = np.sqrt(1.0 - a), np.sqrt(1.0 - a_to)
+    return dict(P=1.0 / np.sqrt(a_eval), Q=-np.sqrt((1.0 - a_eval) / a_eval),
+                R=(sigma_to - sigma) / sigma, S=np.sqrt(a_to) - np.sqrt(a) * sigma_to / sigma)
+
+  def gradient(self, c: dict[str, jax.Array], stage: int, x: jax.Array, x_eval: jax.Array,
+               e: jax.Array) -> jax.Array:
+    """g = D = P x_e + Q e, the data prediction at the evaluated point."""
+    return c["P"][stage] * x_eval + c["Q"][stage] * e
 
 
 PSEUDO = Pseudo()
 CLASSICAL = Classical()
+DATA = Data()
 
-Transfer = Pseudo | Classical
+Transfer = Pseudo | Classical | Data
