@@ -288,3 +288,17 @@ def test_every_image_setting_gets_its_own_default_directory():
   assert spec_of(gmm_config(method="ddim", eta=0.5)).image_settings()["eta"] == 0.5
   assert (generation.default_sample_dir(spec_of(gmm_config(method="DDIM")), "w")
           == generation.default_sample_dir(spec_of(gmm_config(method="ddim")), "w"))
+
+
+def test_sample_directories_record_the_options_a_method_runs_with():
+  config = gmm_pndm.get_config()
+  config.sampler.convention, config.sampler.spacing = "consistent", "logsnr"
+  plain = spec_of(config).image_settings()
+  assert not {"lower_order_final", "denoise_to_zero", "thresholding"} & set(plain)
+  config.sampler.method = "dpm++2m"
+  assert spec_of(config).image_settings()["lower_order_final"] is True
+  config.sampler.lower_order_final = False
+  config.sampler.thresholding, config.sampler.grid_end = True, "sigma_min"
+  settings = spec_of(config).image_settings()
+  assert "lower_order_final" not in settings and settings["end"] == "sigma_min"
+  assert settings["thresholding"] == dict(ratio=0.995, max_value=1.0)
