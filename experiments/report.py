@@ -7,7 +7,7 @@ import datetime
 import os
 import platform
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 
@@ -40,3 +40,24 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def write_markdown(path: str, title: str, body: str) -> None:
   with open(path, "w") as f:
     f.write(f"### {title}\n\n{body}\n\nProduced by {provenance()}.\n")
+
+
+def steps_for_budget(nfe_of: Callable[[int], int], budget: int) -> tuple[int, int] | str:
+  """(S, NFE) with the largest S whose NFE (`nfe_of(S)`, which raises ValueError for a grid the
+  method refuses) is at most `budget`, else why there is none.
+
+  NFE does not decrease with S and is at least S, so S runs down from the budget.
+  """
+  fewest, last_error = None, None
+  for s in range(budget, 0, -1):
+    try:
+      nfe = nfe_of(s)
+    except ValueError as e:
+      last_error = last_error or str(e)
+      continue
+    if nfe <= budget:
+      return s, nfe
+    fewest = (s, nfe)
+  if fewest:
+    return f"needs more than {budget} evaluations (fewest here: {fewest[1]} at S={fewest[0]})"
+  return last_error or f"no grid with at most {budget} evaluations"
