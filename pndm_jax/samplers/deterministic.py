@@ -98,12 +98,11 @@ def _multistep(eps_fn: EpsFn, x_T: jax.Array, method: Deterministic,
     carry, _ = jax.lax.scan(_single_step_body(eps_fn, transfer, rule, write_ring=True), carry,
                             steps)
   plan = d.plan((0.0,))
-  extra = dict(weights=tables.weights)
+  arrays = dict(transfer.coefficients(d, plan), weights=tables.weights)
   if gradient.corrector:  # step i redoes step i-1: its move coefficients, shifted by one
-    previous = {k: np.concatenate([v[:1], v[:-1]]) for k, v in
-                transfer.coefficients(d, plan).items() if k in ("R", "S")}
-    extra.update(Rc=previous["R"][:, 0], Sc=previous["S"][:, 0], corrector=tables.corrector)
-  steps = _step_arrays(x_T, transfer, d, plan, **extra)
+    previous = lambda v: np.concatenate([v[:1, 0], v[:-1, 0]])
+    arrays.update(Rc=previous(arrays["R"]), Sc=previous(arrays["S"]), corrector=tables.corrector)
+  steps = per_step_arrays(x_T, arrays, dict(eval_t=plan.eval_t))
   steps["slot"] = slots
   if gradient.corrector:
     steps["correct"] = jnp.asarray(tables.correct)
