@@ -76,14 +76,12 @@ class RingTables(NamedTuple):
   """Per-step ring layout of a multistep part over a grid (docs/methods.md §5).
 
   slots [S] int32: where step i writes its evaluation; weights [S, R]: the
-  predictor's weights per slot; orders [S]: how many evaluations step i combines;
-  corrector [S, R] and correct [S] (UniPC): the weights that redo step i-1 with
-  step i's evaluation, and whether step i does.
+  predictor's weights per slot; corrector [S, R] and correct [S] (UniPC): the
+  weights that redo step i-1 with step i's evaluation, and whether step i does.
   """
 
   slots: np.ndarray
   weights: np.ndarray
-  orders: np.ndarray
   corrector: np.ndarray
   correct: np.ndarray
 
@@ -164,8 +162,8 @@ class LinearMultistep:
         redo = multistep_weights.unipc_corrector_weights(start[back], end[i - 1], self.rule[-3:])
         corrector[i, np.append(i, back) % size] = redo
     correct = np.arange(num_steps) > 0 if self.corrector else np.zeros(num_steps, bool)
-    return RingTables((np.arange(num_steps) % size).astype(np.int32), weights, orders,
-                      corrector, correct)
+    return RingTables((np.arange(num_steps) % size).astype(np.int32), weights, corrector,
+                      correct)
 
   def _node_variable(self, d: schedules.Discretization):
     """Times -> the variable the rule's nodes live in: sigma (pseudo rules) or log-SNR / 2."""
