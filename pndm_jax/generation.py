@@ -28,6 +28,7 @@ from absl import logging
 from jax.sharding import Mesh
 
 from pndm_jax import (
+  compiler_options,
   files,
   image_grid,
   models,
@@ -106,26 +107,35 @@ def make_generate_fn(model: EpsModel, spec: sampler_spec.SamplerSpec, mesh: Mesh
                                    spec.discretization, rng=keys if stochastic else None)
     return x0, jnp.asarray(nfe)
 
-  return jax.jit(generate, in_shardings=(replicated, batch), out_shardings=(batch, replicated))
+  return jax.jit(generate, in_shardings=(replicated, batch), out_shardings=(batch, replicated),
+                 compiler_options=compiler_options.SAMPLING)
+
+
+def dispatch_images(generate: Callable, params: Any, indices: np.ndarray, mesh: Mesh,
+                    batch_size: int | None = None) -> list[tuple[Any, int]]:
+  """Dispatches `generate` over `indices` in batches padded to `batch_size` (a multiple of the
+  mesh); returns each batch's (output, real rows) without waiting for the devices."""
+  batch_size = sharding.round_up(batch_size or len(indices), mesh)
+  run = lambda batch: generate(params, batch.astype(np.int32))
+  return list(sharding.map_padded(run, [indices], batch_size))
+
+
+def fetch_images(outputs: list[tuple[Any, int]],
+                 bar: progress.Progress | None = None) -> tuple[np.ndarray, Any]:
+  """uint8 images and the NFE of `dispatch_images`' outputs; `bar` advances per batch."""
+  images = []
+  for (x0, _), valid in outputs:
+    images.append(image_grid.to_uint8(jax.device_get(x0))[:valid])
+    if bar is not None:
+      bar.update(valid)
+  return np.concatenate(images), outputs[-1][0][1]
 
 
 def sample_images(generate: Callable, params: Any, indices: np.ndarray, mesh: Mesh,
                   batch_size: int | None = None,
                   bar: progress.Progress | None = None) -> tuple[np.ndarray, Any]:
-  """uint8 images for `indices` from `generate`, in device batches padded to the mesh.
-
-  Each batch is dispatched before the previous one is fetched (`sharding.map_padded`),
-  so the devices do not wait on the host; `bar` advances as each batch arrives.
-  """
-  batch_size = sharding.round_up(batch_size or len(indices), mesh)
-  run = lambda batch: generate(params, batch.astype(np.int32))
-  images, nfes = [], []
-  for (x0, nfe), valid in sharding.map_padded(run, [indices], batch_size):
-    images.append(image_grid.to_uint8(jax.device_get(x0))[:valid])
-    nfes.append(nfe)
-    if bar is not None:
-      bar.update(valid)
-  return np.concatenate(images), nfes[-1]
+  """uint8 images for `indices` from `generate`, in device batches padded to the mesh."""
+  return fetch_images(dispatch_images(generate, params, indices, mesh, batch_size), bar)
 
 
 def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir: str,
@@ -134,10 +144,12 @@ def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir
 
   Resumes: finished chunks are verified and kept, bad or short ones remade.
   Processes sharing the directory claim chunks, so each is made once; a chunk
-  claimed by a dead process is taken over. Each batch is sharded over this
-  process's devices (or `devices`) and padded to a multiple of their count.
-  The summary (also `summary.json` once the directory is complete) is read
-  back from the chunks: what the directory holds, not what was asked.
+  claimed by a dead process is taken over. Each batch (`spec.device_batch`:
+  one compiled size) is sharded over this process's devices (or `devices`); the
+  parameters are put on them once. Chunk k+1 is dispatched before chunk k is
+  fetched and written, so the devices do not wait for the host. The summary
+  (also `summary.json` once the directory is complete) is read back from the
+  chunks: what the directory holds, not what was asked.
   """
   s = spec
   mesh = sharding.batch_mesh(devices or jax.local_devices())
@@ -162,14 +174,13 @@ def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir
                mesh.size)
 
   start, made = time.perf_counter(), 0
+  batch_size = s.device_batch(mesh.size)
+  written = None  # (chunk, its indices, its dispatched batches): computing, not yet written
 
-  def make(k: int, bar: progress.Progress) -> None:
+  def write(k: int, indices: np.ndarray, outputs: list, bar: progress.Progress) -> None:
     nonlocal made
     try:
-      if sample_store.check_chunk(sample_dir, k, s.chunk_size, s.num_samples) is None:
-        return  # another process finished it meanwhile
-      indices = sample_store.chunk_indices(k, s.chunk_size, s.num_samples)
-      images, nfe = sample_images(generate, params, indices, mesh, s.batch_size, bar)
+      images, nfe = fetch_images(outputs, bar)
       sample_store.write_chunk(sample_dir, k, images, indices,
                                None if nfe is None else int(nfe))
       if s.save_pngs:
@@ -178,13 +189,44 @@ def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir
     finally:
       sample_store.release_claim(sample_dir, k)
 
+  def make(k: int, bar: progress.Progress) -> None:
+    """Dispatches chunk k (claimed), then writes the chunk before it while the devices work."""
+    nonlocal written
+    if sample_store.check_chunk(sample_dir, k, s.chunk_size, s.num_samples) is None:
+      sample_store.release_claim(sample_dir, k)
+      return  # another process finished it meanwhile
+    indices = sample_store.chunk_indices(k, s.chunk_size, s.num_samples)
+    try:
+      outputs = dispatch_images(generate, params, indices, mesh, batch_size)
+    except BaseException:
+      sample_store.release_claim(sample_dir, k)
+      raise
+    previous, written = written, (k, indices, outputs)
+    if previous is not None:
+      write(*previous, bar)
+
+  def flush(bar: progress.Progress) -> None:
+    nonlocal written
+    if written is not None:
+      previous, written = written, None
+      write(*previous, bar)
+
+  def drop() -> None:
+    """An interrupted run leaves the chunk it dispatched but did not write to a rerun."""
+    if written is not None:
+      sample_store.release_claim(sample_dir, written[0])
+
   with progress.Progress(num_todo, "sample", "img") as bar:
     others = []
-    for k in todo:
-      if sample_store.try_claim(sample_dir, k):
-        make(k, bar)
-      else:
-        others.append(k)
+    try:
+      for k in todo:
+        if sample_store.try_claim(sample_dir, k):
+          make(k, bar)
+        else:
+          others.append(k)
+      flush(bar)
+    finally:
+      drop()
     while others:  # chunks other processes claimed: wait for them, or take a dead one over
       time.sleep(CLAIM_POLL_SECONDS)
       for k in list(others):
@@ -196,7 +238,11 @@ def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir
           others.remove(k)
         elif sample_store.try_claim(sample_dir, k):
           logging.warning("chunk %d: its claimant is gone; making it here", k)
-          make(k, bar)
+          try:
+            make(k, bar)
+            flush(bar)
+          finally:
+            drop()
           others.remove(k)
 
   elapsed = time.perf_counter() - start
@@ -206,7 +252,7 @@ def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir
       num_requested=s.num_samples, complete=held.num_images >= s.num_samples,
       images_made_now=made, nfe_per_image=held.nfe_per_image,
       images_per_second=made / elapsed if made else None, devices=mesh.size,
-      processes=jax.process_count(), batch_size=sharding.round_up(s.batch_size, mesh),
+      processes=jax.process_count(), batch_size=batch_size,
       settings=settings)
   if summary["complete"]:
     files.write_json_atomically(os.path.join(sample_dir, sample_store.SUMMARY_FILE), summary)

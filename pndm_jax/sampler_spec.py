@@ -8,6 +8,7 @@ resulting frozen value (vdm's "typed config at the boundary").
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import ml_collections
@@ -42,6 +43,14 @@ class SamplerSpec:
   @property
   def adaptive(self) -> bool:
     return isinstance(self.method, samplers.ProbabilityFlow)
+
+  def device_batch(self, num_devices: int) -> int:
+    """Images per compiled call, a multiple of `num_devices`: batch_size, but no more than a
+    chunk or the whole run holds (pf: batch_size itself, a setting of its images). One size
+    for the whole run, so nothing recompiles; only the last batch is padded."""
+    size = self.batch_size if self.adaptive else min(self.batch_size, self.chunk_size,
+                                                      self.num_samples)
+    return math.ceil(size / num_devices) * num_devices
 
   def directory_settings(self, weights: str | None = None) -> dict[str, Any]:
     """What a sample directory records: the image settings, the chunk size, the number of

@@ -6,10 +6,10 @@ sqrt(1 - A[t]) eps, and an l1 (or l2) error on eps summed over pixels and
 averaged over the batch; Adam with linear warm-up, global-norm clipping, and an
 EMA of the parameters after every step.
 
-One jitted function runs `steps_per_call` steps (under `lax.scan` when more
-than one), data-parallel over a 1-D device mesh: the batch is sharded along the
-mesh axis and the train state is replicated by its sharding, so gradients are
-reduced by the compiler.
+A train call runs `steps_per_call` steps (under `lax.scan`, or on CPU as that
+many calls of the jitted step), data-parallel over a 1-D device mesh: the batch
+is sharded along the mesh axis and the train state is replicated by its
+sharding, so gradients are reduced by the compiler.
 Every random draw is keyed by (seed, step), and batch `i` of the input pipeline
 belongs to step `i`, so a run resumed from a checkpoint continues exactly.
 """
@@ -50,6 +50,7 @@ from pndm_jax.models import UNet, unet_from_config
 
 GRID_DIR = "train_grids"  # sample grids made during training (sample directories live in samples/)
 LOSSES = ("l1", "l2")
+LOOPS = ("scan", "host")  # how a train call runs its steps (make_train_fn)
 
 
 @flax.struct.dataclass
@@ -86,16 +87,37 @@ def step_settings(config: ml_collections.ConfigDict) -> StepSettings:
 def learning_rate_schedule(lr: float, warmup_steps: int) -> optax.Schedule:
   """lr * min((n + 1) / warmup_steps, 1) at update n (0-based): linear warm-up, then constant."""
   warmup = max(int(warmup_steps), 1)
-  return lambda count: lr * jnp.minimum((count + 1) / warmup, 1.0)
+  # float32 whatever the count's integer type (an int64 count would promote to float64 under x64)
+  return lambda count: lr * jnp.minimum((jnp.asarray(count) + 1).astype(jnp.float32) / warmup, 1.0)
 
 
-def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with linear warm-up, after global-norm clipping (grad_clip <= 0 disables it)."""
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArgs:
+  """`optax.clip_by_global_norm` given the norm (`update(..., grad_norm=)`) instead of computing it.
+
+  The train step already computes the gradient norm for its metrics. The state is optax's
+  (`EmptyState`), so optimizer states and training checkpoints are unchanged.
+  """
+
+  def update(updates, state, params=None, *, grad_norm, **extra_args):
+    del params, extra_args
+    below = grad_norm < max_norm
+    return jax.tree.map(
+        lambda t: jax.lax.select(below, t, (t / grad_norm.astype(t.dtype)) * max_norm),
+        updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update)
+
+
+def make_optimizer(training: ml_collections.ConfigDict) -> optax.GradientTransformationExtraArgs:
+  """Adam with linear warm-up, after global-norm clipping (grad_clip <= 0 disables it).
+
+  Its update takes the gradients' global norm as `grad_norm=` (used by the clipping only).
+  """
   adam = optax.adam(learning_rate_schedule(training.lr, training.warmup_steps),
                     b1=training.beta1, b2=training.beta2, eps=training.adam_eps)
   if training.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(training.grad_clip), adam)
-  return adam
+    return optax.chain(clip_by_global_norm(training.grad_clip), adam)
+  return optax.with_extra_args_support(adam)
 
 
 def ema_update(ema_params: Any, params: Any, decay: float) -> Any:
@@ -111,7 +133,7 @@ def antithetic_timesteps(key: jax.Array, batch: int, num_timesteps: int) -> jax.
 
 def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
   """Flips each NHWC image left-right with probability 1/2."""
-  flip = jax.random.bernoulli(key, 0.5, (x.shape[0], 1, 1, 1))
+  flip = jax.random.bernoulli(key, jnp.float32(0.5), (x.shape[0], 1, 1, 1))  # float32 under x64
   return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
@@ -133,19 +155,20 @@ def diffusion_loss(params: Any, model: UNet, x0: jax.Array, key: jax.Array,
 
 
 def train_step(state: TrainState, x0: jax.Array, *, model: UNet,
-               tx: optax.GradientTransformation, alphas_cumprod: jax.Array,
+               tx: optax.GradientTransformationExtraArgs, alphas_cumprod: jax.Array,
                settings: StepSettings, key: jax.Array
                ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step on the global batch x0 [B, H, W, C]; metrics are scalars."""
   step_key = jax.random.fold_in(key, state.step)
   loss, grads = jax.value_and_grad(diffusion_loss)(
       state.params, model, x0, step_key, alphas_cumprod, settings.loss, settings.random_flip)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params, grad_norm=grad_norm)
   params = optax.apply_updates(state.params, updates)
   new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
                          ema_params=ema_update(state.ema_params, params, settings.ema_decay))
   lr = learning_rate_schedule(settings.lr, settings.warmup_steps)(state.step)
-  metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": lr}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr}
   return new_state, metrics
 
 
@@ -171,30 +194,56 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.A
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
 
 
-def make_train_fn(model: UNet, tx: optax.GradientTransformation, schedule: schedules.Schedule,
-                  settings: StepSettings, mesh: Mesh, key: jax.Array
+def make_train_fn(model: UNet, tx: optax.GradientTransformationExtraArgs,
+                  schedule: schedules.Schedule, settings: StepSettings, mesh: Mesh,
+                  key: jax.Array, loop: str | None = None
                   ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
-  """One jitted call of k = batches.shape[0] train steps; returns per-step metrics [k].
+  """train_fn(state, batches [k, B, H, W, C]) runs k train steps; returns per-step metrics [k].
 
-  k > 1 runs under `lax.scan` (fewer dispatches on accelerators). k = 1 runs
-  the step directly: on XLA:CPU a convolution's weight gradient inside a loop
-  body is many times slower than outside one (jax-ml/jax#12868; measured ~8x
-  on this U-Net). The input state is donated; the returned one is replicated.
+  `loop` "scan" runs the k steps in one jitted call under `lax.scan` (fewer
+  dispatches); "host" makes k calls of the jitted step, since on XLA:CPU a
+  convolution's weight gradient inside a loop body is many times slower than
+  outside one (jax-ml/jax#12868; measured ~8x on this U-Net). None picks
+  "host" on CPU, else "scan". Both run the same steps; the input state is
+  donated and the returned one is replicated.
   """
+  platform = mesh.devices.flat[0].platform
+  if loop is not None:
+    reason = "as asked"
+  elif platform == "cpu":
+    loop, reason = "host", "XLA:CPU is slow at convolution gradients in lax.scan (jax-ml/jax#12868)"
+  else:
+    loop, reason = "scan", f"one dispatch per call on {platform}"
+  choices.check("loop", loop, LOOPS)
+  logging.info("train calls run their steps as a %s loop: %s", loop, reason)
   alphas_cumprod = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
+  replicated, batches_sharding = sharding.replicated(mesh), steps_batch_sharding(mesh)
 
   def step(state, x0):
     return train_step(state, x0, model=model, tx=tx, alphas_cumprod=alphas_cumprod,
                       settings=settings, key=key)
 
-  def train_fn(state, batches):
+  if loop == "host":
+    step_i = jax.jit(lambda state, batches, i: step(state, batches[i]),
+                     in_shardings=(replicated, batches_sharding, replicated),
+                     out_shardings=(replicated, replicated), donate_argnums=0)
+
+    def host_loop(state, batches):
+      batches, metrics = jax.device_put(batches, batches_sharding), []  # moved once, not per step
+      for i in range(batches.shape[0]):
+        state, m = step_i(state, batches, np.int32(i))
+        metrics.append(m)
+      return state, jax.tree.map(lambda *m: jnp.stack(m), *metrics)
+
+    return host_loop
+
+  def scan(state, batches):
     if batches.shape[0] > 1:
       return jax.lax.scan(step, state, batches)
-    state, metrics = step(state, batches[0])
+    state, metrics = step(state, batches[0])  # no loop body for one step
     return state, jax.tree.map(lambda m: m[None], metrics)
 
-  replicated = sharding.replicated(mesh)
-  return jax.jit(train_fn, in_shardings=(replicated, steps_batch_sharding(mesh)),
+  return jax.jit(scan, in_shardings=(replicated, batches_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 

@@ -55,6 +55,41 @@ def test_chunks_hold_every_image_once(tmp_path):
   assert json.load(open(tmp_path / "summary.json")) == json.loads(json.dumps(summary))
 
 
+def test_batches_stop_at_the_chunk_compile_once_and_params_stay_on_device(tmp_path,
+                                                                          monkeypatch):
+  """batch_size 64 for chunks of 8: batches of 8 (not 64 to keep 8), one compiled size for
+  the short last chunk too, and the parameters put on the devices once, not per call."""
+  config = gmm_config(batch_size=64)
+  model = load_model(config)
+  model = generation.EpsModel(model.apply, {"scale": np.ones(())}, model.image_shape,
+                              model.source)
+  made, calls = [], []
+
+  def recording(*args):
+    generate = make_generate_fn(*args)
+    made.append(generate)
+
+    def call(params, indices):
+      calls.append((params["scale"], indices.shape))
+      return generate(params, indices)
+    return call
+
+  make_generate_fn = generation.make_generate_fn
+  monkeypatch.setattr(generation, "make_generate_fn", recording)
+  summary = generation.generate_samples(model, spec_of(config), str(tmp_path), jax.devices()[:2])
+  assert summary["batch_size"] == 8 and summary["num_images"] == 21
+  assert [shape for _, shape in calls] == [(8,)] * 3
+  assert made[0]._cache_size() == 1
+  scale = calls[0][0]
+  assert isinstance(scale, jax.Array) and all(p is scale for p, _ in calls)
+  assert scale.sharding.is_equivalent_to(sharding.replicated(sharding.batch_mesh(
+      jax.devices()[:2])), 0)
+  spec = spec_of(gmm_config(batch_size=64, num_samples=5, method="pf"))
+  assert spec_of(gmm_config(batch_size=64, num_samples=5)).device_batch(8) == 8
+  assert spec_of(gmm_config(batch_size=6, chunk_size=100)).device_batch(4) == 8
+  assert spec.device_batch(8) == 64  # pf: the batch size is one of its image settings
+
+
 # Images agree across batch shapes and device counts to within this many levels of 255:
 # XLA promises no bitwise-equal floats across batch shapes, device counts or CPU kernels.
 IMAGE_LEVELS = 1

@@ -8,20 +8,23 @@ compilation cache lets the repeated `train_and_evaluate` runs reuse it.
 import functools
 import glob
 import io
+import logging
 import os
 import re
 import shutil
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 import tensorflow_datasets as tfds
 from sklearn import datasets
 
 from configs import default, digits_train, gmm_pndm
 from pndm_jax import checkpoints, eps_models, progress, schedules, sharding, train
-from pndm_jax.models import unet_from_config
+from pndm_jax.models import unet, unet_from_config
 from pndm_jax.sampler_spec import from_config as spec_of
 
 
@@ -57,8 +60,8 @@ def tiny_config(dataset="npz", path=""):
   return config
 
 
-def build(config, mesh, with_state=True):
-  """(initial state or None, train_fn) exactly as train_and_evaluate builds them."""
+def build(config, mesh, with_state=True, loop=None):
+  """(initial state or None, train_fn) as train_and_evaluate builds them (`loop`: its override)."""
   model = unet_from_config(config.model, config.data.image_size, config.data.num_channels)
   tx = train.make_optimizer(config.training)
   schedule = schedules.Schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
@@ -66,7 +69,7 @@ def build(config, mesh, with_state=True):
   state = (train.create_train_state(model, tx, init_key, config.data.image_size,
                                     config.data.num_channels, mesh) if with_state else None)
   return state, train.make_train_fn(model, tx, schedule, train.step_settings(config), mesh,
-                                    train_key)
+                                    train_key, loop=loop)
 
 
 @pytest.fixture(scope="module")
@@ -99,6 +102,49 @@ def test_learning_rate_warms_up_linearly():
   lr = train.learning_rate_schedule(training.lr, training.warmup_steps)
   np.testing.assert_allclose([lr(n) for n in range(5)], [1e-3 / 3, 2e-3 / 3, 1e-3, 1e-3, 1e-3],
                              rtol=1e-6)
+
+
+def float64_equations(jaxpr):
+  """Every equation of `jaxpr` and its sub-jaxprs (scan, jit, cond bodies) with a float64 output."""
+  for eqn in jaxpr.eqns:
+    if any(getattr(v.aval, "dtype", None) == jnp.float64 for v in eqn.outvars):
+      yield eqn
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          sub = sub.jaxpr
+        if isinstance(sub, jax.extend.core.Jaxpr):
+          yield from float64_equations(sub)
+
+
+def in_adam_bias_correction(eqn):
+  """optax's scale_by_adam computes the scalar 1 - b**count from Python-float b (float64 under x64).
+
+  Passing float32 betas would make it float32, but would also round 1 - b in float32 in the
+  moment updates (1 - float32(0.999) = 0.00099998713), changing float32 training.
+  """
+  frames = eqn.source_info.traceback.frames if eqn.source_info.traceback else []
+  return (all(v.aval.shape == () for v in eqn.outvars)
+          and any(f.function_name.startswith("scale_by_adam.") for f in frames))
+
+
+def test_train_step_computes_in_float32_under_x64(x64):
+  config = tiny_config()
+  model = unet_from_config(config.model, config.data.image_size, config.data.num_channels)
+  tx = train.make_optimizer(config.training)
+  state = jax.eval_shape(functools.partial(train.create_train_state, model, tx, image_size=8,
+                                           num_channels=3, mesh=sharding.batch_mesh()),
+                         jax.random.key(0))
+  step = functools.partial(train.train_step, model=model, tx=tx,
+                           alphas_cumprod=jnp.linspace(1.0, 0.0, 1000, dtype=jnp.float32),
+                           settings=train.step_settings(config), key=jax.random.key(0))
+  jaxpr = jax.make_jaxpr(step)(state, jax.ShapeDtypeStruct((16, 8, 8, 3), jnp.float32))
+  float64 = list(float64_equations(jaxpr.jaxpr))
+  assert float64, "the bias correction is float64 under x64: is the walk still finding it?"
+  assert [f"{e.primitive} -> {[str(v.aval) for v in e.outvars]}"
+          for e in float64 if not in_adam_bias_correction(e)] == []
+  lr = train.learning_rate_schedule(1e-3, 3)
+  assert jax.eval_shape(lr, jnp.int64(0)).dtype == jnp.float32  # any integer count
 
 
 def test_loss_goes_down_and_ema_matches_numpy(fixed_batch):
@@ -135,15 +181,74 @@ def test_sharded_step_matches_one_device(fixed_batch):
                jax.device_get(state8.params), jax.device_get(state1.params))
 
 
-def test_scanned_steps_match_single_steps(fixed_batch):
-  state, train_fn = build(tiny_config(), sharding.batch_mesh())
-  scanned, m2 = train_fn(jax.tree.map(jnp.copy, state), np.concatenate([fixed_batch] * 2))
+@pytest.mark.parametrize("loop, rtol, atol", [
+    ("scan", 1e-5, 1e-6),  # a scan body compiles apart from the single step: rounding differs
+    ("host", 1e-6, 1e-7),  # the single step's own function, called twice
+])
+def test_two_steps_in_one_call_match_single_steps(fixed_batch, loop, rtol, atol):
+  state, train_fn = build(tiny_config(), sharding.batch_mesh(), loop=loop)
+  both, m2 = train_fn(jax.tree.map(jnp.copy, state), np.concatenate([fixed_batch] * 2))
+  assert {k: v.shape for k, v in m2.items()} == {"loss": (2,), "grad_norm": (2,), "lr": (2,)}
   for i in range(2):
     state, m1 = train_fn(state, fixed_batch)
-    np.testing.assert_allclose(m2["loss"][i], m1["loss"][0], rtol=1e-5)
-  assert int(scanned.step) == 2
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
-               jax.device_get(scanned.params), jax.device_get(state.params))
+    for name in m2:
+      np.testing.assert_allclose(m2[name][i], m1[name][0], rtol=rtol)
+  assert int(both.step) == 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=rtol, atol=atol),
+               jax.device_get(both), jax.device_get(state))
+
+
+def test_cpu_runs_steps_in_a_host_loop(caplog):
+  config = tiny_config()
+  with caplog.at_level(logging.INFO):
+    build(config, sharding.batch_mesh(), with_state=False)
+  assert "as a host loop: XLA:CPU is slow at convolution gradients" in caplog.text
+  with pytest.raises(ValueError, match="unknown loop 'while'"):
+    build(config, sharding.batch_mesh(), with_state=False, loop="while")
+
+
+@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
+def test_optimizer_state_and_updates_are_optax_clip_then_adam(grad_clip):
+  training = tiny_config().training
+  training.grad_clip = grad_clip
+  adam = optax.adam(train.learning_rate_schedule(training.lr, training.warmup_steps),
+                    b1=training.beta1, b2=training.beta2, eps=training.adam_eps)
+  # make_optimizer before it took the norm from the train step; checkpoints hold its state
+  before = optax.chain(optax.clip_by_global_norm(grad_clip), adam) if grad_clip > 0 else adam
+  tx = train.make_optimizer(training)
+  params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+  ours, theirs = tx.init(params), before.init(params)
+  assert jax.tree.structure(ours) == jax.tree.structure(theirs)
+  grads = {"w": jnp.linspace(-0.3, 0.2, 12).reshape(3, 4), "b": jnp.array([0.1, -0.2, 0.3, 0.0])}
+  for scale in (0.5, 10.0):  # global norm ~0.34 and ~6.8: under and over grad_clip = 1
+    g = jax.tree.map(lambda x, s=scale: s * x, grads)
+    assert (optax.tree.norm(g) < 1.0) == (scale < 1)
+    u1, ours = tx.update(g, ours, params, grad_norm=optax.tree.norm(g))
+    u2, theirs = before.update(g, theirs, params)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), u1, u2)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
+
+
+@pytest.mark.parametrize("scale", [0.5, 10.0])
+def test_clip_by_global_norm_is_optaxs(scale):
+  grads = {"w": scale * jnp.linspace(-0.3, 0.2, 12).reshape(3, 4), "b": jnp.array([0.1, 0.3])}
+  norm = optax.tree.norm(grads)
+  assert (norm < 1.0) == (scale < 1)
+  ours, state = train.clip_by_global_norm(1.0).update(grads, optax.EmptyState(), grad_norm=norm)
+  theirs, _ = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())
+  assert state == optax.EmptyState()
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6), ours, theirs)
+  if scale > 1:
+    np.testing.assert_allclose(optax.tree.norm(ours), 1.0, rtol=1e-6)
+
+
+def test_dropout_is_flaxs_with_a_float32_draw():
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16))
+  rngs = {"dropout": jax.random.key(1)}
+  ours = unet.Dropout(0.3).apply({}, x, False, rngs=rngs)
+  np.testing.assert_array_equal(ours, nn.Dropout(0.3).apply({}, x, False, rngs=rngs))
+  assert 0.6 < np.mean(np.asarray(ours) != 0) < 0.8
+  np.testing.assert_array_equal(unet.Dropout(0.3).apply({}, x, True), x)
 
 
 class Terminal(io.StringIO):

@@ -7,6 +7,7 @@ import importlib
 import math
 import re
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ from configs.default import get_config
 from pndm_jax import models
 from pndm_jax.convert import abstract_params
 from pndm_jax.models import UNet, eps_fn, unet_from_config
-from pndm_jax.models.unet import timestep_embedding
+from pndm_jax.models.unet import UpsampledConv, timestep_embedding
 
 TINY = UNet(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.5,
             image_size=8)
@@ -173,3 +174,17 @@ def test_shipped_unet_configs_pass_the_model_check(name):
   config = importlib.import_module(f"configs.{name}").get_config()
   assert config.model.name == "unet"
   models.check_model_config(config.model, config.data.image_size, config.data.num_channels)
+
+
+@pytest.mark.parametrize("size", [1, 4, 5])
+def test_upsampled_conv_is_a_conv_of_the_nearest_upsampled_input(x64, size):
+  """The four 2x2 phase convs equal nearest-neighbour upsampling then nn.Conv's 3x3 'same'
+  conv with the same parameters (float64: to rounding), odd sizes and 1x1 included."""
+  x = jax.random.normal(jax.random.key(0), (2, size, size + 1, 3), jnp.float64)
+  module = UpsampledConv(4, jnp.float64)
+  params = module.init(jax.random.key(1), x)
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape,
+                                                              p.dtype), params)
+  upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+  expected = nn.Conv(4, (3, 3), padding=1, dtype=jnp.float64).apply(params, upsampled)
+  np.testing.assert_allclose(module.apply(params, x), expected, rtol=0, atol=1e-12)

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pndm_jax import schedules
-from pndm_jax.samplers.model_call import EpsFn, call_eps, per_step_arrays
+from pndm_jax.samplers.model_call import EpsFn, call_eps, per_step_arrays, state_dtype
 
 if TYPE_CHECKING:  # methods.py builds its Ancestral from the variances below
   from pndm_jax.samplers.methods import Ancestral
@@ -91,6 +91,7 @@ def sample_ancestral(eps_fn: EpsFn, x_T: jax.Array, method: Ancestral,
     raise ValueError(f"rng must be one key or one key per image ({x_T.shape[0]}), "
                      f"got key shape {rng.shape}")
   d = discretization
+  x_T = x_T.astype(state_dtype(x_T))  # at least float32, as every sampler's state
   steps = per_step_arrays(x_T, _coefficients(d, method.variance), dict(t=d.t))
   steps["step"] = jnp.arange(len(d.t))
 

@@ -20,9 +20,11 @@ def run_sampler(eps_fn: EpsFn, x_T: jax.Array, method: Method,
   eps_fn(x, t): x shaped like x_T ([B, ...]), t float [B] model timesteps
   (fractional at RK midpoints). Probability flow reads only the discretization's
   schedule. `rng` (a jax.random key, or one per image) is needed by stochastic
-  methods only. Jittable with eps_fn, method and discretization static; x0 has
-  x_T's dtype, and the count is an int except for probability flow (a traced
-  count of the adaptive solver's evaluations).
+  methods only. Jittable with eps_fn, method and discretization static. The
+  sampler's state, and x0, have x_T's dtype but at least float32, whatever
+  dtype the network computes in (docs/methods.md §4). The count is an int
+  except for probability flow (a traced count of the adaptive solver's
+  evaluations).
   """
   if isinstance(method, ProbabilityFlow):
     return sample_probability_flow(eps_fn, x_T, method, discretization.schedule)

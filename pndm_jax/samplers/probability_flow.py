@@ -8,7 +8,7 @@ import jax.numpy as jnp
 
 from pndm_jax import schedules
 from pndm_jax.samplers.methods import ProbabilityFlow
-from pndm_jax.samplers.model_call import EpsFn, call_eps
+from pndm_jax.samplers.model_call import EpsFn, call_eps, state_dtype
 
 # Dopri5 is first-same-as-last: one evaluation to start, six per step (accepted
 # or rejected); tests check this against a count of actual calls.
@@ -37,7 +37,7 @@ def sample_probability_flow(eps_fn: EpsFn, x_T: jax.Array, method: ProbabilityFl
 
   solution = diffrax.diffeqsolve(
       diffrax.ODETerm(drift), diffrax.Dopri5(), t0=1.0, t1=method.t_min, dt0=None,
-      y0=x_T, saveat=diffrax.SaveAt(t1=True), max_steps=method.max_steps,
+      y0=x_T.astype(state_dtype(x_T)), saveat=diffrax.SaveAt(t1=True), max_steps=method.max_steps,
       stepsize_controller=diffrax.PIDController(rtol=method.rtol, atol=method.atol))
   nfe = _EVALS_PER_STEP * solution.stats["num_steps"] + 1
   return solution.ys[-1], nfe

@@ -11,18 +11,18 @@ pseudo transfer g = e and (R_k, S_k) are phi's coefficients between the
 move's two alpha-bars, in the reference's cancellation-free difference form.
 For the classical transfer g = P x + Q e is the per-unit increment
 phi(x, e, t -> t-1) - x at the step's start and the move is linear in t:
-R_k = 0, S_k = (its start - its end). Samplers only ever see these float64
-arrays (cast to the data's dtype) and `gradient`, so one scan body serves all.
-The data transfer (DPM-Solver++, UniPC) has g = D, the data prediction
-(x_e - sigma_e e) / alpha_e at the evaluated point x_e, and moves exactly for a
-constant D: x_k = (sigma_k / sigma) x + (alpha_k - alpha sigma_k / sigma) g.
+R_k = 0, S_k = (its start - its end). The data transfer (DPM-Solver++,
+UniPC) has g = D, the data prediction (x_e - sigma_e e) / alpha_e at the
+evaluated point x_e, and moves exactly for a constant D:
+x_k = (sigma_k / sigma) x + (alpha_k - alpha sigma_k / sigma) g.
+Each transfer gives g as float64 terms too, g = gx x + gxe x_e + ge e, so the
+samplers see only tables (`evaluations`) and one scan body serves all.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
 from pndm_jax import schedules
@@ -47,10 +47,9 @@ class Pseudo:
     r, s = pseudo_coefficients(alpha_bar(plan.from_t), alpha_bar(plan.to_t))
     return dict(R=r, S=s)
 
-  def gradient(self, c: dict[str, jax.Array], stage: int, x: jax.Array, x_eval: jax.Array,
-               e: jax.Array) -> jax.Array:
+  def gradient_terms(self, c: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """g = e."""
-    return e
+    return 0.0, 0.0, 1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +63,9 @@ class Classical:
     p, q = pseudo_coefficients(d.alpha_bar(t), d.alpha_bar(t - 1))
     return dict(P=p, Q=q, R=np.zeros(plan.from_t.shape), S=plan.from_t - plan.to_t)
 
-  def gradient(self, c: dict[str, jax.Array], stage: int, x: jax.Array, x_eval: jax.Array,
-               e: jax.Array) -> jax.Array:
+  def gradient_terms(self, c: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """g = P x + Q e = phi(x, e, t -> t-1) - x, at the step's start x."""
-    return c["P"] * x + c["Q"] * e
+    return c["P"][:, None], 0.0, c["Q"][:, None]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +81,9 @@ class Data:
     return dict(P=1.0 / np.sqrt(a_eval), Q=-np.sqrt((1.0 - a_eval) / a_eval),
                 R=(sigma_to - sigma) / sigma, S=np.sqrt(a_to) - np.sqrt(a) * sigma_to / sigma)
 
-  def gradient(self, c: dict[str, jax.Array], stage: int, x: jax.Array, x_eval: jax.Array,
-               e: jax.Array) -> jax.Array:
+  def gradient_terms(self, c: dict[str, np.ndarray]) -> tuple[np.ndarray, ...]:
     """g = D = P x_e + Q e, the data prediction at the evaluated point."""
-    return c["P"][stage] * x_eval + c["Q"][stage] * e
+    return 0.0, c["P"], c["Q"]
 
 
 PSEUDO = Pseudo()
