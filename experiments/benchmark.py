@@ -74,13 +74,15 @@ from typing import Any
 
 
 def requested_devices(argv: list[str]) -> int:
-  """--devices as given on the command line (absl parses it only after jax is imported)."""
+  """--devices as given on the command line (absl parses it, and reports a bad value, only
+  after jax is imported); 1 where it is absent or not a positive integer."""
+  value = "1"
   for i, arg in enumerate(argv):
     if arg.startswith("--devices="):
-      return int(arg.split("=", 1)[1])
-    if arg == "--devices" and i + 1 < len(argv):
-      return int(argv[i + 1])
-  return 1
+      value = arg.split("=", 1)[1]
+    elif arg == "--devices" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return int(value) if value.isdigit() and int(value) > 0 else 1
 
 
 def force_host_devices(count: int) -> None:
@@ -117,14 +119,16 @@ from pndm_jax import (  # noqa: E402
 
 config_flags.DEFINE_config_file("config", "configs/cifar10_pndm.py",
                                 "The network, schedule and training settings.")
-flags.DEFINE_integer("batch", 8, "Images per call (forward, samplers, training step).")
-flags.DEFINE_integer("steps", 50, "Sampler steps.")
+flags.DEFINE_integer("batch", 8, "Images per call (forward, samplers, training step).",
+                     lower_bound=1)
+flags.DEFINE_integer("steps", 50, "Sampler steps.", lower_bound=1)
 flags.DEFINE_string("method", "f-pndm", "Our sampler for the sampler, compile and memory "
                     "measurements and for diffusers' equal-NFE comparison.")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype of both networks.")
 flags.DEFINE_integer("devices", 1, "JAX devices the batch is sharded over (on CPU, host devices "
-                     "made with XLA_FLAGS=--xla_force_host_platform_device_count).")
-flags.DEFINE_integer("repeats", 3, "Timed repeats of each measurement (the median is reported).")
+                     "made with XLA_FLAGS=--xla_force_host_platform_device_count).", lower_bound=1)
+flags.DEFINE_integer("repeats", 3, "Timed repeats of each measurement (the median is reported).",
+                     lower_bound=1)
 flags.DEFINE_string("out", "experiments/results/benchmark", "Output directory.")
 flags.DEFINE_bool("quick", False, "A tiny U-Net on 8x8 images, batch 2, 5 steps, 1 repeat "
                   "(unless given): for the tests.")
@@ -571,7 +575,11 @@ def main(argv):
   loadavg_before = os.getloadavg()
   batch, steps, repeats = (QUICK[name] if FLAGS.quick and not FLAGS[name].present
                            else FLAGS[name].value for name in ("batch", "steps", "repeats"))
-  if isinstance(samplers.get_method(FLAGS.method), samplers.ProbabilityFlow):
+  try:
+    method = samplers.get_method(FLAGS.method)
+  except ValueError as e:
+    raise app.UsageError(f"--method={FLAGS.method}: {e}") from None
+  if isinstance(method, samplers.ProbabilityFlow):
     raise app.UsageError(f"--method {FLAGS.method}: an adaptive solver has no NFE before a run")
   if len(jax.devices()) < FLAGS.devices or batch % FLAGS.devices:
     raise app.UsageError(f"--devices={FLAGS.devices}: {len(jax.devices())} available, and the "

@@ -138,9 +138,9 @@ class UpsampledConv(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    kernel = self.param("kernel", nn.initializers.lecun_normal(),
-                        (3, 3, x.shape[-1], self.features))
-    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),  # nn.Conv's, float32
+                        (3, 3, x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
     taps = jnp.asarray(_UPSAMPLED_TAPS, self.dtype)
     phases = [[jax.lax.conv_general_dilated(
