@@ -1,7 +1,7 @@
 """Speed, compile time and memory against PyTorch / diffusers, both sides in one run (issue 14).
 
 Both sides compute the same function: the U-Net of `--config` gets random Flax weights, which
-`convert.to_state_dict` maps onto a diffusers `UNet2DModel` in the DDPM settings, and the two
+`convert.to_state_dict` maps onto the `UNet2DModel` of `convert.diffusers_config`, and the two
 forwards are compared once (`parity`: max abs difference of eps). Every timing runs both sides in
 turn per repeat (the order reversed every other repeat) and reports the median of `--repeats`, on
 one machine, PyTorch getting as many threads as XLA:CPU's pool (the CPUs this process may run on).
@@ -139,9 +139,6 @@ QUICK_MODEL = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,
 QUICK_IMAGE_SIZE = 8
 COMPILE_STEPS = (10, 1000)
 TRAIN_WARMUP_STEPS = 3
-# diffusers' UNet2DModel settings that make it the DDPM/DDIM network (docs/methods.md §8)
-DDPM_UNET2D = dict(attention_head_dim=None, norm_eps=1e-6, downsample_padding=0,
-                   flip_sin_to_cos=False, freq_shift=1)
 DIFFUSERS_BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "scaled_linear",
                             "cosine": "squaredcos_cap_v2"}
 # max abs eps difference the two forwards may have (eps is O(1)); bfloat16 rounds at ~4e-3
@@ -293,14 +290,7 @@ class Bench:
 
   def torch_unet(self) -> diffusers.UNet2DModel:
     """The diffusers UNet2DModel of our network, with our weights (float32)."""
-    m = self.model
-    attn = [m.image_size // 2 ** i in m.attn_resolutions for i in range(len(m.ch_mult))]
-    net = diffusers.UNet2DModel(
-        sample_size=m.image_size, in_channels=m.in_channels, out_channels=m.out_channels,
-        block_out_channels=tuple(m.ch * k for k in m.ch_mult), layers_per_block=m.num_res_blocks,
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        dropout=m.dropout, **DDPM_UNET2D)
+    net = diffusers.UNet2DModel(**convert.diffusers_config(self.model))
     net.load_state_dict(self.state_dict)  # strict: every key, both ways
     return net.to(self.device)
 

@@ -331,6 +331,23 @@ def _diffusers_fields(config: Mapping[str, Any]) -> dict[str, Any]:
               out_channels=int(config.get("out_channels", 3)), image_size=int(size))
 
 
+def diffusers_config(model: UNet) -> dict[str, Any]:
+  """The diffusers `UNet2DModel` arguments of the same network (what `_diffusers_fields` reads
+  back), e.g. to load `to_state_dict(params, model, "diffusers")` into for parity runs."""
+  if not model.resamp_with_conv:
+    raise CheckpointError("diffusers' UNet2DModel resamples with convolutions: "
+                          "resamp_with_conv=False has no diffusers equivalent")
+  attn = [i in _attn_levels(model) for i in range(len(model.ch_mult))]
+  return dict({k: required for k, (required, _) in _DIFFUSERS_FIXED.items()},
+              sample_size=model.image_size, in_channels=model.in_channels,
+              out_channels=model.out_channels,
+              block_out_channels=tuple(model.ch * k for k in model.ch_mult),
+              layers_per_block=model.num_res_blocks, dropout=model.dropout,
+              down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+              up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D"
+                                   for a in reversed(attn)))
+
+
 def reconcile(fields: dict[str, Any], dropout: float | None, expected: UNet | None,
                image_size: int | None, src: str) -> UNet:
   """The network of a checkpoint, checked against the expected one (which gives dropout/dtype)."""

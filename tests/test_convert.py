@@ -228,6 +228,10 @@ def test_full_config_layouts(name, arch, attn_level, count):
   n_flax = sum(math.prod(p.shape) for p in jax.tree.leaves(convert.abstract_params(model)))
   assert sum(math.prod(s) for s in ddim.values()) == n_flax == (count or n_flax)
   assert len(ddim) == len(want) == len(jax.tree.leaves(convert.abstract_params(model)))
+  with torch.device("meta"):  # the config convert writes for this network builds the same one
+    exported = diffusers.UNet2DModel(**convert.diffusers_config(model))
+  assert {k: tuple(v.shape) for k, v in exported.state_dict().items()} == want
+  assert convert._diffusers_fields(exported.config) == convert.architecture(model)
 
 
 def test_old_diffusers_attention_names_in_a_pipeline_folder(saved, tmp_path):
