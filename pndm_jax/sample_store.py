@@ -201,8 +201,12 @@ def _process_alive(pid: int) -> bool:
 
 def claimant(sample_dir: str, k: int) -> dict[str, Any] | None:
   """Who claimed chunk k ({"host", "pid"}), or None; an unreadable claim counts as a dead one."""
+  return _read_claim(os.path.join(sample_dir, CLAIM_PATTERN.format(k)))
+
+
+def _read_claim(path: str) -> dict[str, Any] | None:
   try:
-    with open(os.path.join(sample_dir, CLAIM_PATTERN.format(k))) as f:
+    with open(path) as f:
       return json.load(f)
   except FileNotFoundError:
     return None
@@ -221,29 +225,56 @@ def claim_is_live(claim: dict[str, Any]) -> bool:
 def try_claim(sample_dir: str, k: int) -> bool:
   """Claims chunk k for this process (atomically); takes over a dead claimant's claim.
 
-  The winner removes any temporary file a dead writer of chunk k left behind.
+  The claim is written to a file of this process's own and linked into place, so
+  other processes see a whole claim or none (never an empty file they would take
+  for a dead one). The winner removes any temporary file a dead writer of chunk k
+  left behind.
   """
   path = os.path.join(sample_dir, CLAIM_PATTERN.format(k))
-  for _ in range(2):
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-      claim = claimant(sample_dir, k)
-      if claim is not None and claim_is_live(claim):
-        return False
-      try:  # only one process wins this rename, so only one takes the chunk over
-        os.rename(path, f"{path}.stale{os.getpid()}")
-        os.remove(f"{path}.stale{os.getpid()}")
-      except FileNotFoundError:
-        pass
-      continue
-    with os.fdopen(fd, "w") as f:
-      json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
-    for name in os.listdir(sample_dir):
-      if name.startswith(f".{CHUNK_PATTERN.format(k)}.tmp"):
-        os.remove(os.path.join(sample_dir, name))
+  mine = {"host": socket.gethostname(), "pid": os.getpid()}
+  draft = os.path.join(sample_dir, f".{CLAIM_PATTERN.format(k)}.{mine['host']}.{mine['pid']}")
+  with open(draft, "w") as f:
+    json.dump(mine, f)
+  try:
+    for _ in range(2):
+      try:
+        os.link(draft, path)
+      except FileExistsError:
+        if not _take_over(path, claimant(sample_dir, k)):
+          return False
+        continue
+      for name in os.listdir(sample_dir):
+        if name.startswith(f".{CHUNK_PATTERN.format(k)}.tmp"):
+          os.remove(os.path.join(sample_dir, name))
+      return True
+    return False
+  finally:
+    os.remove(draft)
+
+
+def _take_over(path: str, claim: dict[str, Any] | None) -> bool:
+  """Removes the claim at `path` if `claim`, read from it, is dead; False if it is live.
+
+  Only one process wins the rename. If what it moved is no longer the dead claim
+  it read (a live process claimed in between), it puts that claim back.
+  """
+  if claim is not None and claim_is_live(claim):
+    return False
+  moved = f"{path}.stale{os.getpid()}"
+  try:
+    os.rename(path, moved)
+  except FileNotFoundError:
     return True
-  return False
+  now = _read_claim(moved)
+  if now != claim and claim_is_live(now):
+    try:
+      os.link(moved, path)
+    except FileExistsError:
+      pass
+    os.remove(moved)
+    return False
+  os.remove(moved)
+  return True
 
 
 def release_claim(sample_dir: str, k: int) -> None:

@@ -1,10 +1,12 @@
 """Sharded, resumable sample generation (`generation`) and the `main.py --mode=sample` command."""
 
 import json
+import multiprocessing
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -218,6 +220,36 @@ def test_a_dead_processs_claim_is_taken_over(tmp_path):
   summary = generation.generate_samples(load_model(config), spec_of(config), str(tmp_path))
   assert summary["images_made_now"] == 21 and summary["complete"]
   assert not [f for f in os.listdir(tmp_path) if f.endswith(".claim")]
+
+
+def _claim_all(sample_dir: str, num_chunks: int, start, won, done) -> None:
+  dump = json.dump
+  def slow_dump(*args, **kwargs):  # a claimant descheduled while it writes its claim
+    time.sleep(0.002)
+    dump(*args, **kwargs)
+  json.dump = slow_dump
+  start.wait()
+  won.put([k for k in range(num_chunks) if sample_store.try_claim(sample_dir, k)])
+  done.wait()  # alive until every process has tried: a dead one's claims may be taken over
+
+
+def test_racing_claims_give_each_chunk_one_claimant(tmp_path):
+  """Live processes claiming the same chunks at once, each slow to write its claim:
+  one wins each (an empty claim file caught mid-write once read as a dead
+  claimant's, so two processes made that chunk)."""
+  ctx, num_chunks = multiprocessing.get_context("spawn"), 100
+  start, won, done = ctx.Event(), ctx.Queue(), ctx.Event()
+  procs = [ctx.Process(target=_claim_all, args=(str(tmp_path), num_chunks, start, won, done))
+           for _ in range(4)]
+  for p in procs:
+    p.start()
+  start.set()
+  claimed = [won.get(timeout=120) for _ in procs]
+  done.set()
+  for p in procs:
+    p.join(timeout=60)
+  assert sorted(sum(claimed, [])) == list(range(num_chunks)), [len(c) for c in claimed]
+  assert len(os.listdir(tmp_path)) == num_chunks  # the claims only, no drafts left
 
 
 def test_missing_checkpoint_says_how_to_get_one(tmp_path):
