@@ -11,6 +11,10 @@ Modes (--mode):
   stats    reference feature statistics of a dataset -> --config.eval.stats_file
   eval     FID (or FD-digits) of the samples the same config made
 
+Several processes (a pod, a cluster): on a TPU VM pod slice or under srun nothing more is
+needed; elsewhere give --coordinator_address=HOST:PORT --num_processes=N --process_id=I
+(README "Running on a pod or a cluster").
+
 Any config field can be overridden as --config.SECTION.FIELD=VALUE; list a config's
 fields and values with --show_config. Third-party INFO logs are hidden unless --verbose.
 Bad input ends with one `error:` line and exit status 2, before any compute.
@@ -39,6 +43,14 @@ flags.DEFINE_string("workdir", None, "Run directory (default: runs/<config file 
 flags.DEFINE_enum("mode", "sample", MODES, "What to do (see the modes above).")
 flags.DEFINE_bool("show_config", False, "Print the config's fields and values, then exit.")
 flags.DEFINE_bool("verbose", False, "Show third-party INFO logs and tracebacks of errors.")
+flags.DEFINE_string("coordinator_address", "", "Several processes: HOST:PORT of process 0 "
+                    "(with --num_processes, --process_id). Not needed alone, on a TPU VM pod "
+                    "slice, or under srun: those are detected.")
+flags.DEFINE_integer("num_processes", None, "Several processes: how many in all.")
+flags.DEFINE_integer("process_id", None, "Several processes: this one's id, 0..num_processes-1.")
+flags.DEFINE_integer("distributed_timeout", 300, "Several processes: seconds to reach the "
+                     "coordinator, for all to join, and without a heartbeat before a process "
+                     "counts as dead.")
 FLAGS = flags.FLAGS
 
 
@@ -137,8 +149,11 @@ def main(argv):
       "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(
           FLAGS["config"])))[0])
   # Imported here so that `--help` and flag errors answer without loading jax.
-  from pndm_jax import cli  # pylint: disable=import-outside-toplevel
+  from pndm_jax import cli, distributed  # pylint: disable=import-outside-toplevel
+  launch = distributed.Launch(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                              FLAGS.distributed_timeout)
   try:
+    distributed.initialize(launch)
     cli.run(mode, config, workdir)
   except cli.USER_ERRORS as e:
     fail(str(e), e)

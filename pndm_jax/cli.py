@@ -12,6 +12,7 @@ import ml_collections
 from pndm_jax import (
   checkpoints,
   choices,
+  distributed,
   eps_models,
   files,
   generation,
@@ -28,8 +29,9 @@ Started = Callable[[], None]  # a mode calls it once its inputs are loaded and w
 Spec = sampler_spec.SamplerSpec | None  # made for the modes that sample
 
 # The errors a user's input causes: main.py prints them as one `error:` line and exits 2.
+# (checkpoints.CheckpointError is a ValueError; ConnectionError: an unreachable coordinator.)
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError,
-               IsADirectoryError, PermissionError)  # checkpoints.CheckpointError is a ValueError
+               IsADirectoryError, PermissionError, ConnectionError)
 
 
 def check(mode: str, config: ml_collections.ConfigDict, spec: Spec, workdir: str) -> None:
@@ -86,8 +88,9 @@ def run(mode: str, config: ml_collections.ConfigDict, workdir: str) -> None:
   check(mode, config, spec, workdir)
 
   def started() -> None:
-    files.write_json_atomically(os.path.join(workdir, f"config_{mode}.json"),
-                                json.loads(config.to_json_best_effort()))
+    if distributed.is_chief():
+      files.write_json_atomically(os.path.join(workdir, f"config_{mode}.json"),
+                                  json.loads(config.to_json_best_effort()))
 
   MODE_FUNCTIONS[mode](config, spec, workdir, started)
 
@@ -136,7 +139,8 @@ def run_convert(config: ml_collections.ConfigDict, spec: Spec, workdir: str,
   dst = os.path.join(workdir, checkpoints.CONVERTED_DIR)
   model, params, _ = eps_models.load_network(config, src)
   started()
-  checkpoints.save_params(dst, model, params)
+  if distributed.is_chief():
+    checkpoints.save_params(dst, model, params)
   print(f"converted {src} -> {dst}; `--mode=sample` with this --workdir now samples from it")
 
 
@@ -158,7 +162,8 @@ def run_stats(config: ml_collections.ConfigDict, spec: Spec, workdir: str,
   with progress.Progress(num_images, "stats", "img") as bar:
     mu, sigma = fid.compute_stats_from_images(progress.track(batches, bar), extract,
                                               num_images=num_images)
-  fid.save_stats(config.eval.stats_file, mu, sigma, overwrite=config.eval.overwrite)
+  if distributed.is_chief():
+    fid.save_stats(config.eval.stats_file, mu, sigma, overwrite=config.eval.overwrite)
   print(f"wrote {config.eval.metric} statistics of {config.data.dataset} to "
         f"{config.eval.stats_file}")
 

@@ -29,6 +29,7 @@ from jax.sharding import Mesh
 
 from pndm_jax import (
   compiler_options,
+  distributed,
   files,
   image_grid,
   models,
@@ -116,7 +117,7 @@ def dispatch_images(generate: Callable, params: Any, indices: np.ndarray, mesh: 
   """Dispatches `generate` over `indices` in batches padded to `batch_size` (a multiple of the
   mesh); returns each batch's (output, real rows) without waiting for the devices."""
   batch_size = sharding.round_up(batch_size or len(indices), mesh)
-  run = lambda batch: generate(params, batch.astype(np.int32))
+  run = lambda batch: generate(params, sharding.put_batch(batch.astype(np.int32), mesh))
   return list(sharding.map_padded(run, [indices], batch_size))
 
 
@@ -125,7 +126,7 @@ def fetch_images(outputs: list[tuple[Any, int]],
   """uint8 images and the NFE of `dispatch_images`' outputs; `bar` advances per batch."""
   images = []
   for (x0, _), valid in outputs:
-    images.append(image_grid.to_uint8(jax.device_get(x0))[:valid])
+    images.append(image_grid.to_uint8(distributed.to_host(x0))[:valid])
     if bar is not None:
       bar.update(valid)
   return np.concatenate(images), outputs[-1][0][1]
@@ -144,7 +145,9 @@ def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir
 
   Resumes: finished chunks are verified and kept, bad or short ones remade.
   Processes sharing the directory claim chunks, so each is made once; a chunk
-  claimed by a dead process is taken over. Each batch (`spec.device_batch`:
+  claimed by a dead process is taken over. The processes of one distributed run
+  start at their own offsets into the chunks, and process 0 writes the summary
+  once all have finished (docs/distributed.md §2). Each batch (`spec.device_batch`:
   one compiled size) is sharded over this process's devices (or `devices`); the
   parameters are put on them once. Chunk k+1 is dispatched before chunk k is
   fetched and written, so the devices do not wait for the host. The summary
@@ -245,16 +248,19 @@ def generate_samples(model: EpsModel, spec: sampler_spec.SamplerSpec, sample_dir
             drop()
           others.remove(k)
 
+  made_by_process = distributed.gather(np.int64(made)).tolist()  # waits for every process
+  made = sum(made_by_process)
   elapsed = time.perf_counter() - start
   held = sample_store.contents(sample_dir, s.num_samples, allow_subset=True)
   summary = dict(
       sample_dir=os.path.abspath(sample_dir), num_images=held.num_images,
       num_requested=s.num_samples, complete=held.num_images >= s.num_samples,
-      images_made_now=made, nfe_per_image=held.nfe_per_image,
-      images_per_second=made / elapsed if made else None, devices=mesh.size,
-      processes=jax.process_count(), batch_size=batch_size,
-      settings=settings)
-  if summary["complete"]:
+      images_made_now=made, images_made_by_process=made_by_process,
+      nfe_per_image=held.nfe_per_image,
+      images_per_second=made / elapsed if made else None,
+      devices=mesh.size * jax.process_count(), processes=jax.process_count(),
+      batch_size=batch_size, settings=settings)
+  if summary["complete"] and distributed.is_chief():
     files.write_json_atomically(os.path.join(sample_dir, sample_store.SUMMARY_FILE), summary)
     _save_grid(held, os.path.join(sample_dir, "grid.png"))
   logging.info("%s: %d of %d images (%d made now, NFE %s per image)", sample_dir,

@@ -201,14 +201,17 @@ def create_dataset(data: ml_collections.ConfigDict, global_batch: int, seed: int
 
   Validates everything it can (dataset name, batch split, channels, empty
   sources) before touching any accelerator. Each epoch is shuffled differently
-  but deterministically from `seed`.
+  but deterministically from `seed`. With several processes, process i holds
+  rows [i*b, (i+1)*b) of each global batch (b = global_batch / process count),
+  which are the rows its devices hold in the global array, so every process
+  count trains on the same global batches in the same order.
   """
   num_processes = jax.process_count()
   check_global_batch(global_batch, num_devices or jax.device_count(), num_processes)
   source, preprocess = _checked_source(data)
-  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat()
-  ds = ds[jax.process_index()::num_processes].map(preprocess)
-  return ds.batch(global_batch // num_processes, drop_remainder=True)
+  ds = grain.MapDataset.source(source).shuffle(seed=seed).repeat().map(preprocess)
+  ds = ds.batch(global_batch // num_processes, drop_remainder=True)
+  return ds[jax.process_index()::num_processes]
 
 
 def device_batches(dataset: grain.MapDataset, start_step: int, steps_per_call: int,

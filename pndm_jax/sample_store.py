@@ -190,13 +190,18 @@ def open_for_writing(sample_dir: str, settings: dict[str, Any]) -> dict[str, Any
 
 
 def _process_alive(pid: int) -> bool:
+  """Whether process `pid` of this host runs (a killed one its parent has not reaped is dead)."""
   try:
     os.kill(pid, 0)
   except ProcessLookupError:
     return False
   except PermissionError:
     return True
-  return True
+  try:
+    with open(f"/proc/{pid}/stat") as f:
+      return f.read().rpartition(")")[2].split()[0] != "Z"
+  except OSError:  # no /proc: trust the signal
+    return True
 
 
 def claimant(sample_dir: str, k: int) -> dict[str, Any] | None:

@@ -24,6 +24,12 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXIS))
 
 
+def put_batch(batch: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host batch, the same on every process, as a batch-sharded array over `mesh` (whose
+  devices may span processes: each process places the rows its devices hold)."""
+  return jax.make_array_from_callback(batch.shape, batch_sharding(mesh), lambda i: batch[i])
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 

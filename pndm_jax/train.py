@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from pndm_jax import (
   checkpoints,
   choices,
+  distributed,
   generation,
   image_grid,
   input_pipeline,
@@ -295,7 +296,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(model, tx, init_key, data.image_size, data.num_channels, mesh)
 
-  is_chief = jax.process_index() == 0
+  is_chief = distributed.is_chief()
   with contextlib.ExitStack() as stack:
     manager = stack.enter_context(checkpoints.checkpoint_manager(
         os.path.join(workdir, checkpoints.CHECKPOINT_DIR), training.keep_checkpoints))

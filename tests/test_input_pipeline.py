@@ -87,18 +87,24 @@ def test_shuffling_is_deterministic_and_covers_each_epoch(tmp_path):
   assert [ids(other, i) for i in range(4)] != [ids(ds, i) for i in range(4)]
 
 
-def test_processes_read_disjoint_slices(tmp_path, monkeypatch):
+def test_processes_hold_their_block_of_each_global_batch(tmp_path, monkeypatch):
   images = np.arange(16, dtype=np.uint8)[:, None, None, None] * np.ones((1, 4, 4, 1), np.uint8)
   np.savez(tmp_path / "a.npz", images=images)
   data = data_config(dataset="npz", path=str(tmp_path / "a.npz"), image_size=4, num_channels=1)
+  whole = input_pipeline.create_dataset(data, 8, seed=0, num_devices=2)
+  ids = lambda batch: np.round((batch[:, 0, 0, 0] + 1) * 127.5).astype(int).tolist()
   monkeypatch.setattr(jax, "process_count", lambda: 2)
-  seen = []
+  parts = []
   for index in range(2):
     monkeypatch.setattr(jax, "process_index", lambda index=index: index)
-    ds = input_pipeline.create_dataset(data, 8, seed=0, num_devices=2)
-    assert ds[0].shape == (4, 4, 4, 1)  # the per-process half of the global batch
-    seen += [v for i in range(2) for v in np.round((ds[i][:, 0, 0, 0] + 1) * 127.5).tolist()]
-  assert sorted(seen) == list(range(16))
+    parts.append(input_pipeline.create_dataset(data, 8, seed=0, num_devices=2))
+  for step in range(3):
+    assert parts[0][step].shape == (4, 4, 4, 1)  # the per-process half of the global batch
+    first, second = ids(parts[0][step]), ids(parts[1][step])
+    assert not set(first) & set(second)
+    assert first + second == ids(whole[step])  # rows in the order one process has them
+  assert sorted(ids(parts[0][0]) + ids(parts[1][0]) + ids(parts[0][1]) + ids(parts[1][1])
+                ) == list(range(16))
 
 
 def test_image_folder_and_npz_sources(tmp_path):

@@ -1,8 +1,9 @@
 """Frechet distances between feature statistics: FID and FD-digits.
 
-Pipeline: images -> features (jitted, batch-sharded over all devices) -> streaming float64
-mean/covariance on the host -> `.npz` with `mu`/`sigma` (pytorch-fid's statistics format) -> Frechet
-distance in float64.
+Pipeline: images -> features (jitted, batch-sharded over this process's devices) -> streaming
+float64 mean/covariance on the host -> `.npz` with `mu`/`sigma` (pytorch-fid's statistics format) ->
+Frechet distance in float64. With several processes each extracts every process_count-th batch
+and the moments are merged across processes; process 0 writes the files.
 
 Two feature extractors share the machinery (`metric`):
   * "fid": pytorch-fid's Inception-v3 pool features (`inception.py`); numbers are comparable with
@@ -15,6 +16,7 @@ Two feature extractors share the machinery (`metric`):
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -24,7 +26,7 @@ import numpy as np
 from absl import logging
 from scipy import linalg
 
-from pndm_jax import choices, files, progress, sample_store, sharding
+from pndm_jax import choices, distributed, files, progress, sample_store, sharding
 from pndm_jax.evaluation import digits_classifier, inception
 
 METRICS = ("fid", "fd_digits")
@@ -34,17 +36,17 @@ Images = np.ndarray | Iterable[np.ndarray]
 
 
 class ShardedFeatureExtractor:
-  """Runs `apply_fn(variables, images) -> features` over all `devices`.
+  """Runs `apply_fn(variables, images) -> features` over `devices` (default: this process's).
 
   The batch axis is sharded over a 1-D mesh and the variables are replicated. Calls accept any
   number of host images: they are cut into batches of `batch_size` (rounded up to a multiple of the
   device count), the last batch padded with zeros, and exactly one feature row per input image is
-  returned. Single process: the images come from this host's memory.
+  returned. The images come from this host's memory.
   """
 
   def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
                batch_size: int, devices: Sequence[jax.Device] | None = None):
-    mesh = sharding.batch_mesh(devices)
+    mesh = sharding.batch_mesh(devices or jax.local_devices())
     self.batch_size = sharding.round_up(batch_size, mesh)
     self._data_sharding = sharding.batch_sharding(mesh)
     self._variables = jax.device_put(variables, sharding.replicated(mesh))
@@ -108,20 +110,39 @@ class RunningStats:
     x = np.asarray(features, dtype=np.float64)
     if x.ndim != 2:
       raise ValueError(f"features must be (batch, dim), got {x.shape}")
-    n = len(x)
+    if len(x):
+      mean = x.mean(axis=0)
+      self.merge(len(x), mean, (x - mean).T @ (x - mean))
+
+  def merge(self, n: int, mean: np.ndarray, scatter: np.ndarray) -> None:
+    """Adds the moments of n more vectors (their mean and centred scatter)."""
     if not n:
       return
-    mean = x.mean(axis=0)
-    centred = x - mean
-    scatter = centred.T @ centred
     if self._mean is None:
-      self.count, self._mean, self._scatter = n, mean, scatter
+      self.count, self._mean, self._scatter = n, mean.copy(), scatter.copy()
       return
     total = self.count + n
     delta = mean - self._mean
     self._scatter += scatter + np.outer(delta, delta) * (self.count * n / total)
     self._mean += delta * (n / total)
     self.count = total
+
+  def across_processes(self) -> RunningStats:
+    """The statistics of every process's vectors, merged in process order (the same on all)."""
+    if jax.process_count() == 1:
+      return self
+    shapes = distributed.gather(np.array([self.count, -1 if self._mean is None else
+                                          len(self._mean)], np.int64))
+    dim = int(shapes[:, 1].max())
+    if dim < 0:
+      return self
+    empty = self._mean is None
+    means = distributed.gather(np.zeros(dim) if empty else self._mean)
+    scatters = distributed.gather(np.zeros((dim, dim)) if empty else self._scatter)
+    merged = RunningStats()
+    for n, mean, scatter in zip(shapes[:, 0], means, scatters):
+      merged.merge(int(n), mean, scatter)
+    return merged
 
   def finalize(self) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) with sigma the unbiased (ddof = 1) covariance, as pytorch-fid."""
@@ -173,11 +194,14 @@ def accumulate_features(images: Images, feature_fn: FeatureFn, *,
 
   `images` is one (N, H, W, C) array or an iterable of such batches (e.g. a dataset iterator; uint8,
   or float in [-1, 1]). With `num_images` exactly that many images are used (an infinite iterator is
-  fine); fewer available images is an error, not a silently smaller sample.
+  fine); fewer available images is an error, not a silently smaller sample. With several
+  processes (each given the same images), each extracts its share of the batches and the
+  returned statistics are all processes' merged.
   """
   if isinstance(images, (np.ndarray, jax.Array)):
     images = [np.asarray(images)]
   batches = _rebatch(_take(images, num_images), getattr(feature_fn, "batch_size", None))
+  batches = itertools.islice(batches, jax.process_index(), None, jax.process_count())
   if isinstance(feature_fn, ShardedFeatureExtractor):
     features = feature_fn.map_batches(batches)
   else:
@@ -185,6 +209,7 @@ def accumulate_features(images: Images, feature_fn: FeatureFn, *,
   stats = RunningStats()
   for batch_features in features:
     stats.update(batch_features)
+  stats = stats.across_processes()
   if num_images is not None and stats.count != num_images:
     raise ValueError(f"asked for {num_images} images, only {stats.count} available")
   return stats
@@ -335,7 +360,8 @@ def evaluate_sample_dir(sample_dir: str, stats_file: str, weights_file: str, out
       "stats_file": os.path.abspath(stats_file),
       "stats_sha256": file_sha256(stats_file),
   }
-  os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
-  files.write_json_atomically(out_json, record)
+  if distributed.is_chief():
+    os.makedirs(os.path.dirname(os.path.abspath(out_json)), exist_ok=True)
+    files.write_json_atomically(out_json, record)
   logging.info("%s = %.4f over %d images -> %s", metric, record[metric], stats.count, out_json)
   return record
