@@ -195,8 +195,13 @@ def checkpoint_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
   Orbax writes each checkpoint to a temporary directory and renames it only
   when complete, so a crash mid-save leaves the previous one as the latest.
   The item handlers are named up front so that metadata is readable before
-  anything is restored.
+  anything is restored. (Sets how orbax saves every jax.Array in this process.)
   """
+  # Each replicated array is written whole by its first replica. Orbax's default, splitting
+  # the writing over the replicas, compiles a slice per array and device at the first save:
+  # 8 s against 0.5 s for the digits U-Net on 8 CPU devices (docs/performance.md).
+  ocp.type_handlers.register_type_handler(
+      jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
   handlers = {name: ocp.StandardCheckpointHandler() for name in _ITEMS}
   return ocp.CheckpointManager(os.path.abspath(directory), options=options,

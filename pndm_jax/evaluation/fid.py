@@ -112,7 +112,8 @@ class RunningStats:
       raise ValueError(f"features must be (batch, dim), got {x.shape}")
     if len(x):
       mean = x.mean(axis=0)
-      self.merge(len(x), mean, (x - mean).T @ (x - mean))
+      centred = x - mean
+      self.merge(len(x), mean, centred.T @ centred)
 
   def merge(self, n: int, mean: np.ndarray, scatter: np.ndarray) -> None:
     """Adds the moments of n more vectors (their mean and centred scatter)."""
@@ -131,16 +132,16 @@ class RunningStats:
     """The statistics of every process's vectors, merged in process order (the same on all)."""
     if jax.process_count() == 1:
       return self
-    shapes = distributed.gather(np.array([self.count, -1 if self._mean is None else
-                                          len(self._mean)], np.int64))
-    dim = int(shapes[:, 1].max())
+    sizes = distributed.gather(np.array([self.count, -1 if self._mean is None else
+                                         len(self._mean)], np.int64))  # [process, (n, dim)]
+    dim = int(sizes[:, 1].max())
     if dim < 0:
       return self
     empty = self._mean is None
     means = distributed.gather(np.zeros(dim) if empty else self._mean)
     scatters = distributed.gather(np.zeros((dim, dim)) if empty else self._scatter)
     merged = RunningStats()
-    for n, mean, scatter in zip(shapes[:, 0], means, scatters):
+    for n, mean, scatter in zip(sizes[:, 0], means, scatters):
       merged.merge(int(n), mean, scatter)
     return merged
 
