@@ -1,7 +1,7 @@
 """Several processes as one JAX runtime: `jax.distributed` set up from flags or the cluster.
 
-One process per host (a TPU VM pod slice: every worker runs the same command; a
-SLURM job: one task per node), all devices of all processes in one global mesh.
+On a TPU VM pod slice one process per host (every worker runs the same command),
+under SLURM one task per GPU; all devices of all processes form one global mesh.
 A single process needs no flags and no setup. What each mode shares out and how
 is in docs/distributed.md.
 """
@@ -74,7 +74,7 @@ def check_launch(launch: Launch) -> None:
                      "(the address of process 0 and a free port on it)")
   if launch.num_processes < 1 or not 0 <= launch.process_id < launch.num_processes:
     raise ValueError(f"--num_processes={launch.num_processes} --process_id={launch.process_id}:"
-                     f" the id must be one of 0..num_processes-1, num_processes at least 1")
+                     " the id must be one of 0..num_processes-1, num_processes at least 1")
 
 
 def initialize(launch: Launch = Launch()) -> str:
