@@ -198,8 +198,8 @@ def checkpoint_manager(directory: str, keep: int = 3) -> ocp.CheckpointManager:
   anything is restored. (Sets how orbax saves every jax.Array in this process.)
   """
   # Each replicated array is written whole by its first replica. Orbax's default, splitting
-  # the writing over the replicas, compiles a slice per array and device at the first save:
-  # 8 s against 0.5 s for the digits U-Net on 8 CPU devices (docs/performance.md).
+  # the writing over the replicas, compiles a slice per array and device at the first save
+  # (docs/performance.md).
   ocp.type_handlers.register_type_handler(
       jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True)
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, cleanup_tmp_directories=True)
