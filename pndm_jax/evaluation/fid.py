@@ -46,19 +46,19 @@ class ShardedFeatureExtractor:
 
   def __init__(self, apply_fn: Callable[[Any, jax.Array], jax.Array], variables: Any,
                batch_size: int, devices: Sequence[jax.Device] | None = None):
-    mesh = sharding.batch_mesh(devices or jax.local_devices())
+    mesh = self._mesh = sharding.batch_mesh(devices or jax.local_devices())
     self.batch_size = sharding.round_up(batch_size, mesh)
-    self._data_sharding = sharding.batch_sharding(mesh)
+    data = sharding.batch_sharding(mesh)
     self._variables = jax.device_put(variables, sharding.replicated(mesh))
-    self._apply = jax.jit(apply_fn, in_shardings=(sharding.replicated(mesh), self._data_sharding),
-                          out_shardings=self._data_sharding)
+    self._apply = jax.jit(apply_fn, in_shardings=(sharding.replicated(mesh), data),
+                          out_shardings=data)
 
   def map_batches(self, batches: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
     """Features of a stream of image batches, one array per device batch, in order (see
     `sharding.map_padded`: host work overlaps device compute)."""
 
     def extract(batch: np.ndarray) -> jax.Array:
-      return self._apply(self._variables, jax.device_put(batch, self._data_sharding))
+      return self._apply(self._variables, sharding.put_batch(batch, self._mesh))
 
     as_input = lambda images: (images if images.dtype == np.uint8 else images.astype(np.float32))
     stream = (as_input(np.asarray(images)) for images in batches)
