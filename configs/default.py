@@ -12,7 +12,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.seed = 0
 
   config.data = ml_collections.ConfigDict()
-  config.data.dataset = "cifar10"     # cifar10 | celeb_a | digits | image_folder | npz
+  # cifar10 | celeb_a | lsun_church | lsun_bedroom (tfds) | digits | image_folder | npz
+  config.data.dataset = "cifar10"
   config.data.image_size = 32
   config.data.num_channels = 3
   config.data.random_flip = True
@@ -22,7 +23,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.digits_fit = "resize"   # digits at image_size > 8: resize | pad
 
   config.model = ml_collections.ConfigDict()
-  config.model.name = "unet"          # unet | digits_gmm (analytic, no weights)
+  config.model.name = "unet"  # unet | iddpm | ncsnpp (docs/methods.md §8) | digits_gmm (analytic)
   config.model.gmm_std = 0.15         # digits_gmm: per-pixel std of each component
   config.model.ch = 128
   config.model.ch_mult = (1, 2, 2, 2)

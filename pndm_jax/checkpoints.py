@@ -21,6 +21,7 @@ import tempfile
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
@@ -29,15 +30,17 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pndm_jax import convert
+from pndm_jax import convert, convert_iddpm, convert_ncsnpp, models
 from pndm_jax.convert import CheckpointError
-from pndm_jax.models.unet import UNet, check_model_config
+from pndm_jax.models.unet import UNet
 
 CHECKPOINT_DIR = "checkpoints"  # a training workdir's orbax checkpoints
 CONVERTED_DIR = "converted"     # where `main.py --mode=convert` writes into the workdir
 _MODEL_JSON = "model.json"
 _FORMAT = "pndm_jax.unet.params/1"
 _REMAKE = "remake it from the original weights with main.py --mode=convert"
+_FAMILY_FILES = {"iddpm": "an improved-diffusion .pt state_dict",
+                 "ncsnpp": "a score_sde checkpoint_*.pth or a state_dict"}
 
 T = TypeVar("T")
 
@@ -45,8 +48,8 @@ T = TypeVar("T")
 # ----------------------------------------------------------------------------- params directories
 
 
-def _model_json(model: UNet, files: dict[str, int]) -> dict[str, Any]:
-  return {"format": _FORMAT, **convert.architecture(model), "dropout": model.dropout,
+def _model_json(model: nn.Module, files: dict[str, int]) -> dict[str, Any]:
+  return {"format": _FORMAT, "network": models.name_of(model), **models.architecture(model),
           "dtype": jnp.dtype(model.dtype).name, "files": files}
 
 
@@ -60,7 +63,7 @@ def _is_params_checkpoint(path: str) -> bool:
   return os.path.isfile(os.path.join(path, _MODEL_JSON))
 
 
-def save_params(path: str, model: UNet, params: Any) -> None:
+def save_params(path: str, model: nn.Module, params: Any) -> None:
   """Writes params + architecture as a directory (orbax `params/` + `model.json`).
 
   Written to a temporary sibling and renamed into place, so a failure leaves an existing
@@ -104,9 +107,10 @@ def save_params(path: str, model: UNet, params: Any) -> None:
     raise
 
 
-def _read_model_json(path: str, dtype: Any) -> tuple[UNet, dict[str, int]]:
+def _read_model_json(path: str, dtype: Any) -> tuple[nn.Module, dict[str, int]]:
   """The network a `save_params` directory's model.json describes, and its `params/` file sizes
-  (none recorded by older checkpoints); anything else in model.json is an error."""
+  (none recorded by older checkpoints, whose network is always the U-Net); anything else in
+  model.json is an error."""
   file = os.path.join(path, _MODEL_JSON)
   try:
     with open(file) as f:
@@ -117,26 +121,19 @@ def _read_model_json(path: str, dtype: Any) -> tuple[UNet, dict[str, int]]:
   if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
     raise CheckpointError(f"{file} is not in the format {_FORMAT}")
   files = meta.get("files", {})
-  fields = {k: v for k, v in meta.items() if k not in ("format", "files")}
-  want = {*convert.ARCH_FIELDS, "dropout", "dtype"}
-  missing, unknown = sorted(want - fields.keys()), sorted(fields.keys() - want)
-  if missing or unknown:
-    raise CheckpointError(f"{file} is corrupt (missing fields {missing}, unknown fields "
-                          f"{unknown}); {_REMAKE}")
+  fields = {k: v for k, v in meta.items() if k not in ("format", "files", "network", "dtype")}
   if not isinstance(files, dict) or not all(isinstance(n, int) for n in files.values()):
     raise CheckpointError(f"{file} is corrupt (files={files!r} is not a name -> size table); "
                           f"{_REMAKE}")
   try:
-    check_model_config(fields, fields["image_size"], fields["in_channels"], prefix="")
-  except ValueError as e:
+    model = models.from_architecture(meta.get("network", "unet"), fields,
+                                     dtype if dtype is not None else meta.get("dtype"))
+  except (ValueError, TypeError) as e:
     raise CheckpointError(f"{file} is corrupt ({e}); {_REMAKE}") from e
-  fields["ch_mult"], fields["attn_resolutions"] = (tuple(fields[k]) for k in
-                                                   ("ch_mult", "attn_resolutions"))
-  fields["dtype"] = jnp.dtype(dtype if dtype is not None else fields["dtype"])
-  return UNet(**fields), files
+  return model, files
 
 
-def load_params(path: str, dtype: Any = None) -> tuple[UNet, Any]:
+def load_params(path: str, dtype: Any = None) -> tuple[nn.Module, Any]:
   """(network, params) of a `save_params` checkpoint; `dtype` overrides the computation dtype.
 
   A truncated or corrupt directory is a CheckpointError naming it (not an orbax traceback).
@@ -161,16 +158,57 @@ def load_params(path: str, dtype: Any = None) -> tuple[UNet, Any]:
   return model, params
 
 
-def _load_converted(path: str, expected: UNet | None, list_entry: int,
-                    report: Callable[[str], None] | None) -> tuple[UNet, Any]:
-  """(network, params) of a `save_params` directory, a DDIM `.ckpt` or a diffusers folder;
-  arguments as in `convert.read_pytorch`."""
+def _read_other_family(path: str, expected: nn.Module,
+                       report: Callable[[str], None] | None) -> Any:
+  """The params of an improved-diffusion `.pt` state_dict (for an `iddpm` network) or of a
+  score_sde `checkpoint_*.pth` (for `ncsnpp`: its `ema` entry, or a plain state_dict), mapped
+  onto `expected`, the network the config builds (these files hold no architecture)."""
+  obj = convert.torch_load(path)
+  if models.name_of(expected) == "ncsnpp" and isinstance(obj, dict) and "ema" in obj:
+    params = convert_ncsnpp.from_score_sde_checkpoint(obj, expected, use_ema=True)
+    convert.note(f"read the EMA weights of the score_sde checkpoint {path}", report)
+    return params
+  state_dict = convert.torch_state_dict(obj, path)
+  family = convert_iddpm if models.name_of(expected) == "iddpm" else convert_ncsnpp
+  params = family.from_state_dict(state_dict, expected)
+  convert.note(f"read the state_dict {path}", report)
+  return params
+
+
+def _load_converted(path: str, expected: nn.Module | None, list_entry: int,
+                    report: Callable[[str], None] | None) -> tuple[nn.Module, Any]:
+  """(network, params) of a `save_params` directory, a DDIM `.ckpt` or a diffusers folder (the
+  U-Net), or the PyTorch checkpoint of another family's `expected` network; arguments as in
+  `convert.read_pytorch`."""
   if os.path.isdir(path) and _is_params_checkpoint(path):
     model, params = load_params(path)
-    convert.reconcile(convert.architecture(model), model.dropout, expected, None, path)
+    _check_same_network(model, expected, path)
     convert.note(f"read the params checkpoint {path}", report)
     return (expected or model), params
+  if expected is not None and not isinstance(expected, UNet):
+    name = models.name_of(expected)
+    if os.path.isdir(path):
+      raise CheckpointError(f"{path} is a directory but not a params checkpoint; a {name} "
+                            f"network reads {_FAMILY_FILES[name]}, a params checkpoint or a "
+                            "training run")
+    return expected, _read_other_family(path, expected, report)
   return convert.read_pytorch(path, expected, None, list_entry, report)
+
+
+def _check_same_network(found: nn.Module, expected: nn.Module | None, src: str) -> None:
+  """Raises a CheckpointError listing how a params checkpoint's network differs from the one
+  the config builds (dropout and dtype aside: the config gives those)."""
+  if expected is None:
+    return
+  if isinstance(found, UNet) and isinstance(expected, UNet):
+    convert.reconcile(convert.architecture(found), found.dropout, expected, None, src)
+    return
+  got, want = (models.architecture(m) | {"network": models.name_of(m)} for m in (found, expected))
+  diff = [f"{k}: checkpoint {got.get(k)!r}, expected {want.get(k)!r}"
+          for k in sorted(got.keys() | want.keys()) if k != "dropout" and got.get(k) != want.get(k)]
+  if diff:
+    raise CheckpointError(f"{src} holds a different architecture than expected:\n  "
+                          + "\n  ".join(diff))
 
 
 # ----------------------------------------------------------------------------- training runs
@@ -411,9 +449,9 @@ def load_ema_params(path: str, step: int | None = None) -> Any:
 # ----------------------------------------------------------------------------- any of them
 
 
-def load_weights(path: str, expected: UNet | None = None, step: int | None = None,
+def load_weights(path: str, expected: nn.Module | None = None, step: int | None = None,
                  list_entry: int = -1, report: Callable[[str], None] | None = None
-                 ) -> tuple[UNet, Any, str]:
+                 ) -> tuple[nn.Module, Any, str]:
   """(network, params, source) from any checkpoint path, checked against `expected`.
 
   A training run (a workdir, its checkpoints or one step directory) gives the

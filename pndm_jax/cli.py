@@ -42,8 +42,14 @@ def check(mode: str, config: ml_collections.ConfigDict, spec: Spec, workdir: str
   """
   if mode in ("train", "stats"):
     choices.check("dataset", config.data.dataset, input_pipeline.DATASETS)
-  if mode in ("train", "sample", "convert") and config.model.name == "unet":
-    models.check_model_config(config.model, config.data.image_size, config.data.num_channels)
+  if mode == "convert" and not config.sampler.checkpoint:
+    raise ValueError("--mode=convert reads --config.sampler.checkpoint=PATH (a DDIM .ckpt, a "
+                     "diffusers UNet2DModel folder, an improved-diffusion .pt, a score_sde "
+                     ".pth or a training workdir); it is empty")
+  if mode in ("train", "convert"):  # these need a network, not an analytic model
+    models.check_name(config.model.name)
+  if mode in ("train", "sample", "convert") and config.model.name in models.NETWORKS:
+    models.check_config(config.model, config.data.image_size, config.data.num_channels)
   if mode == "train":
     train.check_config(config, jax.device_count())
   elif mode == "sample":
@@ -51,9 +57,6 @@ def check(mode: str, config: ml_collections.ConfigDict, spec: Spec, workdir: str
     recorded = sample_store.read_settings(generation.default_sample_dir(spec, workdir))
     if recorded is not None:
       _check_sample_settings(spec, workdir, recorded)
-  elif mode == "convert" and not config.sampler.checkpoint:
-    raise ValueError("--mode=convert reads --config.sampler.checkpoint=PATH (a DDIM .ckpt, a "
-                     "diffusers UNet2DModel folder or a training workdir); it is empty")
   elif mode in ("stats", "eval"):
     choices.check("metric", config.eval.metric, fid.METRICS)
     if not config.eval.stats_file:
@@ -133,7 +136,8 @@ def run_sample(config: ml_collections.ConfigDict, spec: Spec, workdir: str,
 
 def run_convert(config: ml_collections.ConfigDict, spec: Spec, workdir: str,
                 started: Started) -> None:
-  """Any checkpoint (DDIM .ckpt, diffusers folder, training run's EMA) -> a params directory."""
+  """Any checkpoint (DDIM .ckpt, diffusers folder, improved-diffusion .pt, score_sde .pth,
+  training run's EMA) -> a params directory."""
   src = config.sampler.checkpoint
   del spec
   dst = os.path.join(workdir, checkpoints.CONVERTED_DIR)

@@ -28,6 +28,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import flax.linen as nn
 import flax.traverse_util
 import jax
 import jax.numpy as jnp
@@ -136,14 +137,15 @@ def _torch_module(flax_module: str, layout: str, levels: int) -> str:
 
 
 @functools.lru_cache(maxsize=16)
-def _traced_params(model: UNet) -> Any:
+def _traced_params(model: nn.Module) -> Any:
   x = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, model.in_channels), jnp.float32)
   t = jax.ShapeDtypeStruct((1,), jnp.float32)
   return jax.eval_shape(lambda x, t: model.init(jax.random.key(0), x, t), x, t)["params"]
 
 
-def abstract_params(model: UNet) -> Any:
-  """The "params" tree of `model` as ShapeDtypeStructs (no allocation; the trace is cached)."""
+def abstract_params(model: nn.Module) -> Any:
+  """The "params" tree of any of `models.NETWORKS`' modules as ShapeDtypeStructs (no allocation;
+  the trace is cached)."""
   return jax.tree.map(lambda s: s, _traced_params(model))  # fresh containers
 
 
@@ -201,6 +203,23 @@ def listing(title: str, items: list[str]) -> str:
   return f"  {title} ({len(items)}):\n    {shown}{more}"
 
 
+def check_keys(state_dict: Mapping[str, Any], shapes: Mapping[str, tuple[int, ...]],
+               what: str) -> None:
+  """Raises a CheckpointError headed `what` that lists every key of `shapes` (key -> PyTorch
+  shape) that `state_dict` lacks, every key it has beyond them, and every mis-shaped one."""
+  missing = sorted(shapes.keys() - state_dict.keys())
+  unexpected = sorted(state_dict.keys() - shapes.keys())
+  misshaped = sorted(
+      f"{k}: {tuple(np.shape(state_dict[k]))}, expected {tuple(shape)}"
+      for k, shape in shapes.items()
+      if k in state_dict and tuple(np.shape(state_dict[k])) != tuple(shape))
+  if missing or unexpected or misshaped:
+    parts = [listing(title, items) for title, items in (
+        ("missing keys", missing), ("unexpected keys", unexpected),
+        ("mis-shaped keys", misshaped)) if items]
+    raise CheckpointError(f"{what}:\n" + "\n".join(parts))
+
+
 def _rename_old_attention(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """Maps the deprecated diffusers attention names onto the current ones."""
   out: dict[str, Any] = {}
@@ -221,19 +240,8 @@ def from_state_dict(state_dict: Mapping[str, Any], model: UNet, layout: str) -> 
   entries = _entries(model, layout)
   if layout == "diffusers":
     state_dict = _rename_old_attention(state_dict)
-  expected = {e.key: e for e in entries}
-  missing = sorted(expected.keys() - state_dict.keys())
-  unexpected = sorted(state_dict.keys() - expected.keys())
-  misshaped = sorted(
-      f"{k}: {tuple(np.shape(state_dict[k]))}, expected {_torch_shape(e)}"
-      for k, e in expected.items()
-      if k in state_dict and tuple(np.shape(state_dict[k])) != _torch_shape(e))
-  if missing or unexpected or misshaped:
-    parts = [listing(title, items) for title, items in (
-        ("missing keys", missing), ("unexpected keys", unexpected),
-        ("mis-shaped keys", misshaped)) if items]
-    raise CheckpointError(f"the {layout} state_dict does not match the network "
-                          f"{architecture(model)}:\n" + "\n".join(parts))
+  check_keys(state_dict, {e.key: _torch_shape(e) for e in entries},
+             f"the {layout} state_dict does not match the network {architecture(model)}")
   flat = {e.flax_path: _to_flax(np.asarray(state_dict[e.key], np.float32), e.kind)
           for e in entries}
   return flax.traverse_util.unflatten_dict(flat)
@@ -376,7 +384,7 @@ def _import_torch() -> Any:
   return torch
 
 
-def _torch_state_dict(obj: Any, src: str) -> dict[str, np.ndarray]:
+def torch_state_dict(obj: Any, src: str) -> dict[str, np.ndarray]:
   """float32 numpy arrays of a state_dict of tensors; any other value is an error."""
   torch = _import_torch()
   if not isinstance(obj, Mapping):
@@ -389,7 +397,8 @@ def _torch_state_dict(obj: Any, src: str) -> dict[str, np.ndarray]:
   return {k: v.detach().cpu().to(torch.float32).numpy() for k, v in obj.items()}
 
 
-def _torch_load(path: str) -> Any:
+def torch_load(path: str) -> Any:
+  """What a PyTorch checkpoint file holds (tensors and plain containers only: weights_only)."""
   torch = _import_torch()
   try:
     return torch.load(path, map_location="cpu", weights_only=True)
@@ -418,7 +427,7 @@ def _read_ddim(path: str, list_entry: int) -> tuple[dict[str, np.ndarray], str]:
   Of a list checkpoint, `list_entry` -1 is the EMA entry (the last, which must be a state_dict)
   and any other index picks that entry; a plain state_dict ignores `list_entry`.
   """
-  obj = _torch_load(path)
+  obj = torch_load(path)
   if isinstance(obj, (list, tuple)):
     n, entries = len(obj), ", ".join(_describe_entry(e) for e in obj)
     if not -n <= list_entry < n:
@@ -433,7 +442,7 @@ def _read_ddim(path: str, list_entry: int) -> tuple[dict[str, np.ndarray], str]:
     obj, src = obj[index], f"{path} (entry {index})"
   else:
     read, src = f"read the state_dict {path} (not a list: list_entry ignored)", path
-  sd = _torch_state_dict(obj, src)
+  sd = torch_state_dict(obj, src)
   if sd and all(k.startswith("module.") for k in sd):
     sd = {k[len("module."):]: v for k, v in sd.items()}
   return sd, read
@@ -457,7 +466,7 @@ def _read_diffusers(folder: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]
     return config, {k: np.asarray(v, np.float32) for k, v in sd.items()}
   pt = os.path.join(folder, "diffusion_pytorch_model.bin")
   if os.path.exists(pt):
-    return config, _torch_state_dict(_torch_load(pt), pt)
+    return config, torch_state_dict(torch_load(pt), pt)
   raise CheckpointError(f"{folder} has neither diffusion_pytorch_model.safetensors nor .bin "
                         f"(found {sorted(os.listdir(folder))})")
 

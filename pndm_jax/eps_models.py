@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import ml_collections
 import numpy as np
 
@@ -24,7 +25,7 @@ from pndm_jax import (
   sampler_spec,
 )
 
-MODEL_NAMES = ("unet", "digits_gmm")
+MODEL_NAMES = (*models.NETWORKS, "digits_gmm")
 
 
 def digits_gmm(std: float) -> analytic.GaussianMixture:
@@ -66,13 +67,12 @@ def load(config: ml_collections.ConfigDict, spec: sampler_spec.SamplerSpec, work
 
 
 def load_network(config: ml_collections.ConfigDict, path: str
-                 ) -> tuple[models.UNet, Any, str]:
-  """(U-Net, params, source) from any checkpoint path (see `checkpoints.load_weights`).
+                 ) -> tuple[nn.Module, Any, str]:
+  """(network, params, source) from any checkpoint path (see `checkpoints.load_weights`).
 
   The architecture is checked against `config.model` / `config.data`.
   """
-  expected = models.unet_from_config(config.model, config.data.image_size,
-                                     config.data.num_channels)
+  expected = models.from_config(config.model, config.data.image_size, config.data.num_channels)
   step = config.sampler.checkpoint_step
   return checkpoints.load_weights(path, expected, None if step == -1 else step,
                                   config.sampler.checkpoint_list_entry)

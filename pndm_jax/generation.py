@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,17 +60,20 @@ class EpsModel:
   source: str = ""
 
 
-def network_model(model: models.UNet, params: Any = None, source: str = "",
+def network_model(model: nn.Module, params: Any = None, source: str = "",
                   prediction_type: str = "epsilon",
                   schedule: schedules.Schedule | None = None) -> EpsModel:
-  """A U-Net as an EpsModel (params may be passed later, e.g. a training run's EMA).
+  """A network of `models.NETWORKS` as an EpsModel (params may be passed later, e.g. a training
+  run's EMA).
 
-  A network that predicts x0 (`sample`) or v (`v_prediction`) has its output converted to
-  eps here, with the alpha-bar of the `schedule` it was trained with (`models.eps_from_output`).
+  `schedule` is the one the network was trained with: continuous-time networks read their
+  timestep count from it, and a network that predicts x0 (`sample`) or v (`v_prediction`) has
+  its output converted to eps with its alpha-bar (`models.eps_from_output`).
   """
   models.check_conversion(prediction_type, schedule)
-  apply = lambda p, x, t: models.eps_from_output(models.eps_fn(model, p), schedule,
-                                                 prediction_type)(x, t)
+  steps = None if schedule is None else schedule.num_timesteps
+  apply = lambda p, x, t: models.eps_from_output(models.eps_fn(model, p, num_timesteps=steps),
+                                                 schedule, prediction_type)(x, t)
   return EpsModel(apply, params, (model.image_size, model.image_size, model.in_channels), source)
 
 

@@ -22,7 +22,10 @@ from PIL import Image
 
 from pndm_jax import choices
 
-DATASETS = ("cifar10", "celeb_a", "digits", "image_folder", "npz")
+DATASETS = ("cifar10", "celeb_a", "lsun_church", "lsun_bedroom", "digits", "image_folder", "npz")
+# The tensorflow-datasets builders of the datasets read through tfds.
+TFDS_NAMES = {"cifar10": "cifar10", "celeb_a": "celeb_a", "lsun_church": "lsun/church_outdoor",
+              "lsun_bedroom": "lsun/bedroom"}
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 DIGITS_FITS = ("resize", "pad")
 # The DDIM CelebA preprocessing: a 128x128 box at (top 57, left 25), then resize.
@@ -46,12 +49,14 @@ def to_float(images: np.ndarray) -> np.ndarray:
   return images.astype(np.float32) / 127.5 - 1.0
 
 
-def resize(image: np.ndarray, size: int) -> np.ndarray:
-  """Bilinear (antialiased) resize of a float HWC image to size x size, per channel."""
-  if image.shape[:2] == (size, size):
+def resize(image: np.ndarray, size: int | tuple[int, int]) -> np.ndarray:
+  """Bilinear (antialiased) resize of a float HWC image to size x size (or (height, width)),
+  per channel."""
+  height, width = (size, size) if isinstance(size, int) else size
+  if image.shape[:2] == (height, width):
     return image.astype(np.float32)
   channels = [np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F")
-                         .resize((size, size), Image.BILINEAR))
+                         .resize((width, height), Image.BILINEAR))
               for c in range(image.shape[-1])]
   return np.stack(channels, axis=-1)
 
@@ -73,6 +78,21 @@ def preprocess_celeb_a(record: dict, image_size: int) -> np.ndarray:
   """A tfds celeb_a record -> the DDIM crop box, resized to image_size, in [-1, 1]."""
   top, left, size = CELEB_A_CROP
   return resize(to_float(record["image"][top:top + size, left:left + size]), image_size)
+
+
+def preprocess_lsun(record: dict, image_size: int) -> np.ndarray:
+  """A tfds lsun record -> the DDIM LSUN preprocessing, in [-1, 1]: the shorter side resized to
+  image_size (the longer to int(image_size * long / short), as torchvision's Resize), then the
+  centred image_size square (offsets rounded as torchvision's CenterCrop)."""
+  image = to_float(record["image"])
+  h, w = image.shape[:2]
+  if h <= w:
+    height, width = image_size, int(image_size * w / h)
+  else:
+    height, width = int(image_size * h / w), image_size
+  image = resize(image, (height, width))
+  top, left = (int(round((n - image_size) / 2.0)) for n in (height, width))
+  return image[top:top + image_size, left:left + image_size]
 
 
 class ImageFolder:
@@ -161,19 +181,21 @@ def _source(data: ml_collections.ConfigDict) -> tuple[Sequence, Callable, int]:
   """(random-access source, per-record preprocessing, channel count) for `data.dataset`."""
   size = data.image_size
   identity = lambda record: record
-  if data.dataset in ("cifar10", "celeb_a"):
+  if data.dataset in TFDS_NAMES:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+    name = TFDS_NAMES[data.dataset]
     try:
-      source = tfds.data_source(data.dataset, split="train", data_dir=data.data_dir or None,
+      source = tfds.data_source(name, split="train", data_dir=data.data_dir or None,
                                 download=False)
     except Exception as e:  # pylint: disable=broad-except
       raise ValueError(
-          f"tensorflow-datasets {data.dataset!r} is not prepared for random access in "
+          f"tensorflow-datasets {name!r} is not prepared for random access in "
           f"data_dir {data.data_dir or '(tfds default)'!r}: {type(e).__name__}: {e}. Prepare "
-          f"it once where the network is reachable: `tfds build {data.dataset} "
+          f"it once where the network is reachable: `tfds build {name} "
           "--file_format=array_record` (set --data_dir and data.data_dir alike)") from e
-    preprocess = preprocess_cifar10 if data.dataset == "cifar10" else preprocess_celeb_a
+    preprocess = {"cifar10": preprocess_cifar10,
+                  "celeb_a": preprocess_celeb_a}.get(data.dataset, preprocess_lsun)
     return source, functools.partial(preprocess, image_size=size), 3
   if data.dataset == "digits":
     return load_digits(size, data.digits_fit), identity, 1

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -41,13 +42,13 @@ from pndm_jax import (
   generation,
   image_grid,
   input_pipeline,
+  models,
   progress,
   sampler_spec,
   schedules,
   sharding,
 )
 from pndm_jax.metric_logging import metric_writers, periodic_actions
-from pndm_jax.models import UNet, unet_from_config
 
 GRID_DIR = "train_grids"  # sample grids made during training (sample directories live in samples/)
 LOSSES = ("l1", "l2")
@@ -138,7 +139,7 @@ def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
   return jnp.where(flip, x[:, :, ::-1, :], x)
 
 
-def diffusion_loss(params: Any, model: UNet, x0: jax.Array, key: jax.Array,
+def diffusion_loss(params: Any, model: nn.Module, x0: jax.Array, key: jax.Array,
                    alphas_cumprod: jax.Array, loss: str, flip: bool) -> jax.Array:
   """The eps-prediction loss of one batch: per-image error summed over pixels, batch mean."""
   k_flip, k_t, k_noise, k_dropout = jax.random.split(key, 4)
@@ -149,13 +150,14 @@ def diffusion_loss(params: Any, model: UNet, x0: jax.Array, key: jax.Array,
   a = alphas_cumprod[t][:, None, None, None]
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
-  eps = model.apply({"params": params}, x_t, t.astype(jnp.float32), train=True,
-                    rngs={"dropout": k_dropout}).astype(jnp.float32)
+  eps = models.apply_eps(model, params, x_t, t.astype(jnp.float32),
+                         num_timesteps=alphas_cumprod.shape[0], train=True,
+                         rngs={"dropout": k_dropout}).astype(jnp.float32)
   err = jnp.abs(eps - noise) if loss == "l1" else jnp.square(eps - noise)
   return jnp.mean(jnp.sum(err, axis=(1, 2, 3)))
 
 
-def train_step(state: TrainState, x0: jax.Array, *, model: UNet,
+def train_step(state: TrainState, x0: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformationExtraArgs, alphas_cumprod: jax.Array,
                settings: StepSettings, key: jax.Array
                ) -> tuple[TrainState, dict[str, jax.Array]]:
@@ -181,7 +183,7 @@ def steps_batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, sharding.BATCH_AXIS))
 
 
-def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.Array,
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                        image_size: int, num_channels: int, mesh: Mesh) -> TrainState:
   """Freshly initialised state (step 0, EMA = params), replicated over the mesh."""
 
@@ -195,7 +197,7 @@ def create_train_state(model: UNet, tx: optax.GradientTransformation, key: jax.A
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
 
 
-def make_train_fn(model: UNet, tx: optax.GradientTransformationExtraArgs,
+def make_train_fn(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
                   schedule: schedules.Schedule, settings: StepSettings, mesh: Mesh,
                   key: jax.Array, loop: str | None = None
                   ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
@@ -291,7 +293,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   dataset = input_pipeline.create_dataset(data, training.batch_size, config.seed, mesh.size)
   spec = spec or sampler_spec.from_config(config)
   schedule = spec.discretization.schedule
-  model = unet_from_config(config.model, data.image_size, data.num_channels)
+  model = models.from_config(config.model, data.image_size, data.num_channels)
   tx = make_optimizer(training)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
   state = create_train_state(model, tx, init_key, data.image_size, data.num_channels, mesh)
@@ -318,7 +320,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     bar = stack.enter_context(progress.Progress(training.num_train_steps, "train", "step",
                                                 initial=step, enabled=None if is_chief else False))
     train_fn = make_train_fn(model, tx, schedule, step_settings(config), mesh, train_key)
-    generate = generation.make_generate_fn(generation.network_model(model), spec, mesh)
+    generate = generation.make_generate_fn(
+        generation.network_model(model, schedule=schedule), spec, mesh)
     grid_indices = np.arange(training.num_grid_samples)
     k = training.steps_per_call
     batches = input_pipeline.device_batches(dataset, step, k, steps_batch_sharding(mesh))

@@ -57,6 +57,39 @@ def test_celeb_a_mock_end_to_end_and_crop():
   np.testing.assert_array_equal(input_pipeline.preprocess_celeb_a({"image": boxed}, 64), 1.0)
 
 
+@pytest.mark.parametrize("dataset", ["lsun_church", "lsun_bedroom"])
+def test_lsun_mock_end_to_end(dataset):
+  with tfds.testing.mock_data(num_examples=20):
+    x = first_batch(data_config(dataset=dataset, image_size=16))
+  assert x.shape == (1, 8, 16, 16, 3) and x.min() >= -1.0 and x.max() <= 1.0 and x.std() > 0.1
+
+
+@pytest.mark.parametrize("shape", [(40, 60), (60, 40), (40, 63), (37, 37)])
+def test_lsun_preprocessing_is_ddims_resize_then_centre_crop(shape):
+  """DDIM's LSUN transform: the shorter side to the size (the longer to int(size * long /
+  short)), then the centred square, its offset rounded as torchvision's CenterCrop."""
+  h, w = shape
+  size = 20
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+  got = input_pipeline.preprocess_lsun({"image": image}, size)
+  assert got.shape == (size, size, 3) and got.dtype == np.float32
+  rh, rw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+  resized = np.stack([np.asarray(Image.fromarray(image[..., c].astype(np.float32), mode="F")
+                                 .resize((rw, rh), Image.BILINEAR)) for c in range(3)], -1)
+  top, left = round((rh - size) / 2), round((rw - size) / 2)
+  np.testing.assert_allclose(got, resized[top:top + size, left:left + size] / 127.5 - 1.0,
+                             atol=1e-5)
+  # Only the centred square (with a 4-pixel margin for the filter and the rounding) matters:
+  # white there, black elsewhere -> all white.
+  boxed = np.zeros_like(image)
+  side = min(h, w)
+  top, left = (h - side) // 2, (w - side) // 2
+  boxed[max(top - 4, 0):top + side + 4, max(left - 4, 0):left + side + 4] = 255
+  np.testing.assert_allclose(input_pipeline.preprocess_lsun({"image": boxed}, size), 1.0,
+                             atol=1e-5)
+
+
 def test_digits_source():
   x8 = input_pipeline.load_digits(8)
   assert x8.shape == (1797, 8, 8, 1) and x8.min() == -1.0 and x8.max() == 1.0

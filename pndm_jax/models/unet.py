@@ -7,7 +7,7 @@ float32; `dtype` only sets the computation dtype (bfloat16 on accelerators).
 
 import math
 import numbers
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NoReturn
 
 import flax.linen as nn
@@ -305,22 +305,3 @@ def unet_from_config(model_cfg: Mapping[str, Any], image_size: int, num_channels
       image_size=image_size,
       dtype=jnp.dtype(model_cfg["dtype"]),
   )
-
-
-def eps_fn(model: UNet, params: Any,
-           data_format: str = "NHWC") -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The sampler's `eps_fn(x, t)` for a network and its "params" collection (inference mode).
-
-  The output is cast to x.dtype. `data_format="NCHW"` transposes at the boundary for callers
-  holding PyTorch-layout arrays; the network itself always runs NHWC.
-  """
-  if data_format not in ("NHWC", "NCHW"):
-    raise ValueError(f"data_format must be 'NHWC' or 'NCHW', got {data_format!r}")
-  nchw = data_format == "NCHW"
-
-  def fn(x: jax.Array, t: jax.Array) -> jax.Array:
-    h = jnp.transpose(x, (0, 2, 3, 1)) if nchw else x
-    out = model.apply({"params": params}, h, t, train=False).astype(x.dtype)
-    return jnp.transpose(out, (0, 3, 1, 2)) if nchw else out
-
-  return fn

@@ -1,0 +1,392 @@
+"""The improved-DDPM U-Net (Nichol & Dhariwal 2021) in Flax linen, NHWC (docs/methods.md §8).
+
+The network PNDM samples for its improved-DDPM CIFAR-10 results: scale-shift ("FiLM") timestep
+conditioning, multi-head attention at chosen resolutions, and (with `learn_sigma`) a 2C-channel
+output whose FIRST half is eps and second half the variance interpolation. It also covers the
+guided-diffusion extensions `num_head_channels` and `resblock_updown` (legacy attention order
+only: heads are split before q/k/v, as in improved-diffusion).
+
+Module names mirror the improved-diffusion state_dict (`input_blocks_3_0` <-> `input_blocks.3.0`,
+`in_layers_2` <-> `in_layers.2`) so that `pndm_jax.convert_iddpm` maps keys by name. Parameters
+are always float32; `dtype` sets the computation dtype, with GroupNorm computed in float32 (as
+the original's GroupNorm32) and the attention softmax in float32.
+"""
+
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, NoReturn
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pndm_jax.models.unet import DTYPES, Dropout, UpsampledConv
+
+# GroupNorm32: 32 groups, PyTorch's default eps, statistics in float32.
+_NORM_GROUPS = 32
+_NORM_EPS = 1e-5
+# Defaults: the improved-DDPM CIFAR-10 network the PNDM paper samples (docs/methods.md §8).
+DEFAULTS: dict[str, Any] = dict(
+    ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=3, attn_resolutions=(16, 8), dropout=0.3,
+    resamp_with_conv=True, num_heads=4, num_head_channels=-1, num_heads_upsample=-1,
+    use_scale_shift_norm=True, resblock_updown=False, learn_sigma=True, dtype="float32")
+
+
+def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
+  """improved-diffusion's sinusoidal embedding [B] -> [B, dim] (float32), t possibly fractional.
+
+  [cos(t w_k), sin(t w_k)] with w_k = exp(-ln(10000) k / half), half = dim // 2 (cos FIRST, and
+  the divisor is half, not half - 1 as in the DDPM embedding); an odd dim is zero-padded. The
+  frequency table is built in float32 in PyTorch's operation order with a correctly rounded exp.
+  """
+  half = dim // 2
+  exponent = np.float32(-math.log(10000.0)) * np.arange(half, dtype=np.float32)
+  exponent /= np.float32(half)
+  freqs = np.exp(exponent.astype(np.float64)).astype(np.float32)
+  args = t.astype(jnp.float32)[:, None] * freqs[None, :]
+  emb = jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+  return jnp.pad(emb, ((0, 0), (0, dim % 2)))
+
+
+class GroupNorm32(nn.Module):
+  """GroupNorm (32 groups, eps 1e-5, two-pass variance) computed in float32, cast back to x's
+  dtype; parameters `scale`/`bias` (PyTorch `weight`/`bias`)."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    c = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
+    h = x.astype(jnp.float32)
+    shape = h.shape
+    g = h.reshape(shape[0], -1, _NORM_GROUPS, c // _NORM_GROUPS)
+    mean = g.mean(axis=(1, 3), keepdims=True)
+    var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)  # two-pass, as PyTorch
+    g = (g - mean) * jax.lax.rsqrt(var + _NORM_EPS)
+    return (g.reshape(shape) * scale + bias).astype(x.dtype)
+
+
+def _conv(features: int, kernel: int, dtype: Any, name: str, strides: int = 1) -> nn.Conv:
+  """A square conv with PyTorch's symmetric padding kernel // 2 (also for stride 2)."""
+  p = kernel // 2
+  return nn.Conv(features, (kernel, kernel), strides=strides, padding=((p, p), (p, p)),
+                 dtype=dtype, name=name)
+
+
+def _nearest_up(x: jax.Array) -> jax.Array:
+  return jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+
+
+def _avg_down(x: jax.Array) -> jax.Array:
+  return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class ResBlock(nn.Module):
+  """in_layers (norm, SiLU, conv3x3), emb_layers (SiLU, Linear), out_layers (norm, SiLU,
+  dropout, conv3x3); scale-shift: norm(h) * (1 + scale) + shift, else h + emb before out_layers.
+
+  `updown` "up"/"down" resamples h (between the in_layers' SiLU and conv) and the skip input,
+  without parameters, as guided-diffusion's `resblock_updown`.
+  """
+  out_ch: int
+  dropout: float
+  use_scale_shift_norm: bool
+  dtype: Any
+  updown: str = ""
+
+  @nn.compact
+  def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
+    dt = self.dtype
+    h = nn.silu(GroupNorm32(name="in_layers_0")(x))
+    if self.updown:
+      resample = _nearest_up if self.updown == "up" else _avg_down
+      h, x = resample(h), resample(x)
+    h = _conv(self.out_ch, 3, dt, "in_layers_2")(h)
+    width = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
+    e = nn.Dense(width, dtype=dt, name="emb_layers_1")(nn.silu(emb))[:, None, None, :]
+    if self.use_scale_shift_norm:
+      scale, shift = jnp.split(e, 2, axis=-1)
+      h = GroupNorm32(name="out_layers_0")(h) * (1 + scale) + shift
+    else:
+      h = GroupNorm32(name="out_layers_0")(h + e)
+    h = Dropout(self.dropout, name="out_layers_2")(nn.silu(h), deterministic=not train)
+    h = _conv(self.out_ch, 3, dt, "out_layers_3")(h)
+    if x.shape[-1] != self.out_ch:
+      x = _conv(self.out_ch, 1, dt, "skip_connection")(x)
+    return x + h
+
+
+class AttentionBlock(nn.Module):
+  """Multi-head self-attention over all positions with a residual connection.
+
+  Legacy (improved-diffusion) head order: the 3C qkv channels are [head, (q|k|v), d]; q and k
+  are each scaled by d**-1/4 before the product, the softmax is float32.
+  """
+  num_heads: int
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    b, hgt, wid, c = x.shape
+    if c % self.num_heads:
+      raise ValueError(f"{c} attention channels do not split into {self.num_heads} heads")
+    d = c // self.num_heads
+    h = GroupNorm32(name="norm")(x).reshape(b, hgt * wid, c)
+    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
+    qkv = qkv.reshape(b, hgt * wid, self.num_heads, 3, d)
+    scale = 1.0 / math.sqrt(math.sqrt(d))
+    q, k, v = qkv[:, :, :, 0] * scale, qkv[:, :, :, 1] * scale, qkv[:, :, :, 2]
+    logits = jnp.einsum("bthd,bshd->bhts", q, k)
+    weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+    a = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, hgt * wid, c)
+    out = nn.Dense(c, dtype=self.dtype, name="proj_out")(a)
+    return x + out.reshape(b, hgt, wid, c)
+
+
+class Downsample(nn.Module):
+  """Halves the resolution: stride-2 3x3 conv with padding 1 on each side, or 2x2 mean pool."""
+  with_conv: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.with_conv:
+      return _conv(x.shape[-1], 3, self.dtype, "op", strides=2)(x)
+    return _avg_down(x)
+
+
+class Upsample(nn.Module):
+  """Doubles the resolution: nearest neighbour, then (optionally) a 3x3 conv."""
+  with_conv: bool
+  dtype: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.with_conv:
+      return UpsampledConv(x.shape[-1], self.dtype, name="conv")(x)
+    return _nearest_up(x)
+
+
+class IDDPMUNet(nn.Module):
+  """improved-diffusion's `UNetModel`: out(x, t), x [B, H, W, C] NHWC, t float [B] or a scalar.
+
+  t is the timestep index exactly as improved-diffusion's network receives it (fractional is
+  fine). Returns the FULL output [B, H, W, 2C] with `learn_sigma` (eps first, then the variance
+  values), else [B, H, W, C], in `dtype`. `train=True` turns dropout on (rng "dropout").
+  Attention sits at the `attn_resolutions` (resolutions, e.g. 16 and 8 at image size 32, not
+  improved-diffusion's downsample rates) and always in the middle block.
+  """
+  ch: int = DEFAULTS["ch"]
+  ch_mult: tuple[int, ...] = DEFAULTS["ch_mult"]
+  num_res_blocks: int = DEFAULTS["num_res_blocks"]
+  attn_resolutions: tuple[int, ...] = DEFAULTS["attn_resolutions"]
+  dropout: float = DEFAULTS["dropout"]
+  resamp_with_conv: bool = DEFAULTS["resamp_with_conv"]
+  num_heads: int = DEFAULTS["num_heads"]
+  num_head_channels: int = DEFAULTS["num_head_channels"]
+  num_heads_upsample: int = DEFAULTS["num_heads_upsample"]
+  use_scale_shift_norm: bool = DEFAULTS["use_scale_shift_norm"]
+  resblock_updown: bool = DEFAULTS["resblock_updown"]
+  learn_sigma: bool = DEFAULTS["learn_sigma"]
+  in_channels: int = 3
+  image_size: int = 32
+  dtype: Any = jnp.float32
+
+  def __post_init__(self) -> None:
+    # Sequences as tuples (hashable; e.g. lists from JSON), so modules can key caches.
+    object.__setattr__(self, "ch_mult", tuple(self.ch_mult))
+    object.__setattr__(self, "attn_resolutions", tuple(self.attn_resolutions))
+    super().__post_init__()
+
+  @property
+  def out_channels(self) -> int:
+    return 2 * self.in_channels if self.learn_sigma else self.in_channels
+
+  def heads(self, width: int, upsample: bool = False) -> int:
+    """Attention heads of a `width`-channel attention block (output blocks: `upsample`)."""
+    if self.num_head_channels != -1:
+      return width // self.num_head_channels
+    if upsample and self.num_heads_upsample != -1:
+      return self.num_heads_upsample
+    return self.num_heads
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
+    if x.shape[-1] != self.in_channels:
+      raise ValueError(f"expected {self.in_channels} input channels (NHWC), got x of shape "
+                       f"{x.shape}")
+    dt = self.dtype
+    levels = len(self.ch_mult)
+    t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
+    emb = timestep_embedding(t, self.ch).astype(dt)
+    emb = nn.Dense(4 * self.ch, dtype=dt, name="time_embed_0")(emb)
+    emb = nn.Dense(4 * self.ch, dtype=dt, name="time_embed_2")(nn.silu(emb))
+
+    def res(h: jax.Array, out_ch: int, name: str, updown: str = "") -> jax.Array:
+      return ResBlock(out_ch, self.dropout, self.use_scale_shift_norm, dt, updown,
+                      name=name)(h, emb, train)
+
+    def attn(h: jax.Array, name: str, upsample: bool = False) -> jax.Array:
+      return AttentionBlock(self.heads(h.shape[-1], upsample), dt, name=name)(h)
+
+    hs = [_conv(self.ch * self.ch_mult[0], 3, dt, "input_blocks_0_0")(x.astype(dt))]
+    size, k = self.image_size, 1
+    for level, mult in enumerate(self.ch_mult):
+      for _ in range(self.num_res_blocks):
+        h = res(hs[-1], self.ch * mult, f"input_blocks_{k}_0")
+        if size in self.attn_resolutions:
+          h = attn(h, f"input_blocks_{k}_1")
+        hs.append(h)
+        k += 1
+      if level != levels - 1:
+        if self.resblock_updown:
+          h = res(hs[-1], hs[-1].shape[-1], f"input_blocks_{k}_0", "down")
+        else:
+          h = Downsample(self.resamp_with_conv, dt, name=f"input_blocks_{k}_0")(hs[-1])
+        hs.append(h)
+        k += 1
+        size //= 2
+
+    h = res(hs[-1], hs[-1].shape[-1], "middle_block_0")
+    h = attn(h, "middle_block_1")
+    h = res(h, h.shape[-1], "middle_block_2")
+
+    k = 0
+    for level in reversed(range(levels)):
+      for i in range(self.num_res_blocks + 1):
+        h = res(jnp.concatenate([h, hs.pop()], axis=-1), self.ch * self.ch_mult[level],
+                f"output_blocks_{k}_0")
+        sub = 1
+        if size in self.attn_resolutions:
+          h = attn(h, f"output_blocks_{k}_1", upsample=True)
+          sub = 2
+        if level and i == self.num_res_blocks:
+          name = f"output_blocks_{k}_{sub}"
+          if self.resblock_updown:
+            h = res(h, h.shape[-1], name, "up")
+          else:
+            h = Upsample(self.resamp_with_conv, dt, name=name)(h)
+          size *= 2
+        k += 1
+
+    h = nn.silu(GroupNorm32(name="out_0")(h))
+    return _conv(self.out_channels, 3, dt, "out_2")(h)
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _field(model_cfg: Mapping[str, Any], name: str) -> Any:
+  return model_cfg[name] if name in model_cfg else DEFAULTS[name]
+
+
+def check_iddpm_config(model_cfg: Mapping[str, Any], image_size: int, num_channels: int,
+                       prefix: str = "config.model.") -> None:
+  """Raises a ValueError naming the first field that cannot build an IDDPMUNet, and why.
+
+  Cheap (no tracing). Fields absent from `model_cfg` take their `DEFAULTS` (the PNDM
+  improved-DDPM CIFAR-10 network); `image_size` and `num_channels` are the data's.
+  """
+  def fail(field: str, why: str, valid: str) -> NoReturn:
+    raise ValueError(f"{prefix}{field}={_field(model_cfg, field)!r} is not valid: {why}; "
+                     f"valid: {valid}")
+
+  for name, value in (("image_size", image_size), ("num_channels", num_channels)):
+    if not _is_int(value) or value < 1:
+      raise ValueError(f"{name}={value!r} is not valid: not a positive integer; valid: 1, 2, ...")
+  dtype = _field(model_cfg, "dtype")
+  try:
+    dtype_name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+  except TypeError:
+    dtype_name = None
+  if dtype_name not in DTYPES:
+    fail("dtype", "not a computation dtype the network supports", ", ".join(DTYPES))
+  ch = _field(model_cfg, "ch")
+  if not _is_int(ch) or ch < 1:
+    fail("ch", "not a positive integer", f"{_NORM_GROUPS}, {2 * _NORM_GROUPS}, ... (128 for "
+         "improved DDPM's CIFAR-10 network)")
+  ch_mult = _field(model_cfg, "ch_mult")
+  if (not isinstance(ch_mult, (tuple, list)) or not ch_mult
+      or not all(_is_int(m) and m >= 1 for m in ch_mult)):
+    fail("ch_mult", "not a non-empty sequence of positive integers (one per resolution level)",
+         "e.g. (1, 2, 2, 2)")
+  widths = [ch * m for m in ch_mult]
+  if any(w % _NORM_GROUPS for w in widths):
+    fail("ch", f"the level widths ch * ch_mult = {widths} must be multiples of GroupNorm's "
+         f"{_NORM_GROUPS} groups", f"a multiple of {_NORM_GROUPS}, e.g. 128")
+  levels = len(ch_mult)
+  if image_size % 2 ** (levels - 1):
+    fail("ch_mult", f"its {levels} levels halve the image {levels - 1} times, so image_size "
+         f"{image_size} would have to be a multiple of {2 ** (levels - 1)}",
+         f"at most {(image_size & -image_size).bit_length()} levels for image_size {image_size}")
+  nrb = _field(model_cfg, "num_res_blocks")
+  if not _is_int(nrb) or nrb < 1:
+    fail("num_res_blocks", "not a positive integer", "1, 2, ...")
+  resolutions = tuple(image_size // 2 ** i for i in range(levels))
+  attn = _field(model_cfg, "attn_resolutions")
+  if not isinstance(attn, (tuple, list)) or not all(_is_int(r) and r in resolutions for r in attn):
+    fail("attn_resolutions", f"not a sequence of the network's resolutions {resolutions} "
+         "(resolutions, not improved-diffusion's downsample rates; one the network never runs "
+         "at would silently get no attention)", f"any subset of {resolutions}, e.g. ()")
+  dropout = _field(model_cfg, "dropout")
+  if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
+    fail("dropout", "not a probability in [0, 1)", "0.0 <= dropout < 1.0")
+  for name in ("resamp_with_conv", "use_scale_shift_norm", "resblock_updown", "learn_sigma"):
+    if not isinstance(_field(model_cfg, name), bool):
+      fail(name, "not a bool", "True, False")
+  # Attention widths: down and middle blocks use num_heads, up blocks num_heads_upsample.
+  down_widths = sorted({ch * ch_mult[i] for i in range(levels) if resolutions[i] in attn}
+                       | {widths[-1]})
+  up_widths = sorted({ch * ch_mult[i] for i in range(levels) if resolutions[i] in attn})
+  head_ch = _field(model_cfg, "num_head_channels")
+  if not _is_int(head_ch) or (head_ch != -1 and head_ch < 1):
+    fail("num_head_channels", "neither -1 (use num_heads) nor a positive integer",
+         "-1, or a divisor of every attention width")
+  if head_ch != -1:
+    bad = [w for w in down_widths if w % head_ch]
+    if bad:
+      fail("num_head_channels", f"does not divide the attention widths {bad}",
+           f"-1, or a common divisor of {down_widths}")
+  heads = _field(model_cfg, "num_heads")
+  if not _is_int(heads) or heads < 1:
+    fail("num_heads", "not a positive integer", "1, 2, 4, ...")
+  if head_ch == -1 and any(w % heads for w in down_widths):
+    fail("num_heads", f"does not divide the attention widths {down_widths}",
+         f"a common divisor of {down_widths}")
+  heads_up = _field(model_cfg, "num_heads_upsample")
+  if not _is_int(heads_up) or (heads_up != -1 and heads_up < 1):
+    fail("num_heads_upsample", "neither -1 (use num_heads) nor a positive integer",
+         "-1, 1, 2, 4, ...")
+  if head_ch == -1 and heads_up != -1 and any(w % heads_up for w in up_widths):
+    fail("num_heads_upsample", f"does not divide the upsampling attention widths {up_widths}",
+         f"-1, or a common divisor of {up_widths}")
+
+
+def iddpm_from_config(model_cfg: Mapping[str, Any], image_size: int,
+                      num_channels: int) -> IDDPMUNet:
+  """The IDDPMUNet of a config's `model` section (dict or ConfigDict) for the given data.
+
+  Raises the ValueError of `check_iddpm_config` for a field that cannot build one.
+  """
+  check_iddpm_config(model_cfg, image_size, num_channels)
+  f = lambda name: _field(model_cfg, name)
+  return IDDPMUNet(
+      ch=int(f("ch")),
+      ch_mult=tuple(int(m) for m in f("ch_mult")),
+      num_res_blocks=int(f("num_res_blocks")),
+      attn_resolutions=tuple(int(r) for r in f("attn_resolutions")),
+      dropout=float(f("dropout")),
+      resamp_with_conv=f("resamp_with_conv"),
+      num_heads=int(f("num_heads")),
+      num_head_channels=int(f("num_head_channels")),
+      num_heads_upsample=int(f("num_heads_upsample")),
+      use_scale_shift_norm=f("use_scale_shift_norm"),
+      resblock_updown=f("resblock_updown"),
+      learn_sigma=f("learn_sigma"),
+      in_channels=num_channels,
+      image_size=image_size,
+      dtype=jnp.dtype(f("dtype")),
+  )
