@@ -269,8 +269,9 @@ class Bench:
     data = config.data
     self.model = models.unet_from_config(config.model, data.image_size, data.num_channels)
     self.shape = (batch, data.image_size, data.image_size, data.num_channels)  # NHWC
-    params = self.model.init(jax.random.key(config.seed), jnp.zeros((1, *self.shape[1:])),
-                             jnp.zeros((1,)))["params"]
+    params = jax.jit(self.model.init)(jax.random.key(config.seed),  # compiled: op by op is
+                                      jnp.zeros((1, *self.shape[1:])),  # many times slower
+                                      jnp.zeros((1,)))["params"]
     self.num_params = sum(int(np.size(p)) for p in jax.tree.leaves(params))
     self.state_dict = {k: torch.tensor(v)
                        for k, v in convert.to_state_dict(params, self.model, "diffusers").items()}

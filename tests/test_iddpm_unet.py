@@ -427,7 +427,7 @@ def test_from_config_builds_the_network():
     ("ch", 48, "multiples of GroupNorm's 32 groups"),
     ("ch_mult", (1, 2, 2, 2, 2, 2), "would have to be a multiple of 32"),
     ("num_res_blocks", 0, "not a positive integer"),
-    ("attn_resolutions", (2,), "not improved-diffusion's downsample rates"),
+    ("attn_resolutions", (2,), "not downsample rates"),
     ("dropout", 1.0, "not a probability"),
     ("learn_sigma", 1, "not a bool"),
     ("num_heads", 3, "does not divide the attention widths"),

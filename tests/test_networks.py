@@ -2,22 +2,18 @@
 sampled through main.py (docs/methods.md §8)."""
 
 import json
-import os
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from test_cli import run_main, snapshot
 from test_generation import read_all, sample_dir_of
 
 from configs import cifar10_ddpmpp_deep_pf, cifar10_iddpm_cosine_pndm, cifar10_pndm
 from pndm_jax import convert_iddpm, convert_ncsnpp, image_grid, models
 from pndm_jax.models import ncsnpp
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
 TINY = {"ch": 32, "ch_mult": (1, 2), "num_res_blocks": 1, "attn_resolutions": (4,),
         "dropout": 0.0}
 PAPER_CONFIGS = {"unet": cifar10_pndm, "iddpm": cifar10_iddpm_cosine_pndm,
@@ -85,11 +81,6 @@ def test_continuous_network_gets_score_sde_labels():
     models.apply_eps(model, params, x, t)
 
 
-def run_main(*args):
-  return subprocess.run([sys.executable, "main.py", *args], cwd=REPO, capture_output=True,
-                        text=True, timeout=600, env=ENV)
-
-
 def _tiny_flags(name):
   config = tiny_config(name)
   return [f"--config=configs/{PAPER_CONFIGS[name].__name__.split('.')[-1]}.py",
@@ -134,6 +125,15 @@ def test_main_samples_a_pytorch_checkpoint_of_each_family(tmp_path, name):
                       f"--config.sampler.checkpoint={path}")
     assert result.returncode == 0, result.stderr
     assert json.load(open(workdir / "converted" / "model.json"))["network"] == "iddpm"
+    before = snapshot(workdir)
+    broken = {k: v for k, v in torch.load(path).items() if k != "out.2.bias"}
+    torch.save(broken | {"label_emb.weight": torch.zeros(10, 128)}, tmp_path / "broken.pt")
+    result = run_main(*flags, "--mode=convert", f"--workdir={workdir}",
+                      f"--config.sampler.checkpoint={tmp_path / 'broken.pt'}")
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.startswith("error: ") and "out.2.bias" in result.stderr
+    assert "label_emb.weight" in result.stderr
+    assert snapshot(workdir) == before  # the converted model is untouched
     result = run_main(*flags, "--mode=sample", f"--workdir={workdir}")
   else:  # read on the run
     result = run_main(*flags, "--mode=sample", f"--workdir={workdir}",

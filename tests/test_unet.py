@@ -127,7 +127,7 @@ def test_unet_from_config_rejects_a_dtype_typo():
   with pytest.raises(ValueError) as err:
     unet_from_config(cfg, image_size=32, num_channels=3)
   assert str(err.value) == ("config.model.dtype='bfloat' is not valid: not a computation dtype "
-                            "the U-Net supports; valid: float32, bfloat16, float16, float64")
+                            "the networks support; valid: float32, bfloat16, float16, float64")
 
 
 @pytest.mark.parametrize("field,value,why", [

@@ -13,7 +13,6 @@ the original's GroupNorm32) and the attention softmax in float32.
 """
 
 import math
-import numbers
 from collections.abc import Mapping
 from typing import Any, NoReturn
 
@@ -22,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pndm_jax.models.unet import DTYPES, Dropout, UpsampledConv
+from pndm_jax.models import config_checks
+from pndm_jax.models.unet import Dropout, UpsampledConv
 
 # GroupNorm32: 32 groups, PyTorch's default eps, statistics in float32.
 _NORM_GROUPS = 32
@@ -275,10 +275,6 @@ class IDDPMUNet(nn.Module):
     return _conv(self.out_channels, 3, dt, "out_2")(h)
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _field(model_cfg: Mapping[str, Any], name: str) -> Any:
   return model_cfg[name] if name in model_cfg else DEFAULTS[name]
 
@@ -290,59 +286,29 @@ def check_iddpm_config(model_cfg: Mapping[str, Any], image_size: int, num_channe
   Cheap (no tracing). Fields absent from `model_cfg` take their `DEFAULTS` (the PNDM
   improved-DDPM CIFAR-10 network); `image_size` and `num_channels` are the data's.
   """
-  def fail(field: str, why: str, valid: str) -> NoReturn:
-    raise ValueError(f"{prefix}{field}={_field(model_cfg, field)!r} is not valid: {why}; "
-                     f"valid: {valid}")
+  get = lambda field: _field(model_cfg, field)
 
-  for name, value in (("image_size", image_size), ("num_channels", num_channels)):
-    if not _is_int(value) or value < 1:
-      raise ValueError(f"{name}={value!r} is not valid: not a positive integer; valid: 1, 2, ...")
-  dtype = _field(model_cfg, "dtype")
-  try:
-    dtype_name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-  except TypeError:
-    dtype_name = None
-  if dtype_name not in DTYPES:
-    fail("dtype", "not a computation dtype the network supports", ", ".join(DTYPES))
-  ch = _field(model_cfg, "ch")
-  if not _is_int(ch) or ch < 1:
+  def fail(field: str, why: str, valid: str) -> NoReturn:
+    config_checks.fail(prefix, field, get(field), why, valid)
+
+  resolutions = config_checks.check_shared(get, image_size, num_channels, prefix)
+  ch, ch_mult, attn = get("ch"), get("ch_mult"), get("attn_resolutions")
+  if not config_checks.is_int(ch) or ch < 1:
     fail("ch", "not a positive integer", f"{_NORM_GROUPS}, {2 * _NORM_GROUPS}, ... (128 for "
          "improved DDPM's CIFAR-10 network)")
-  ch_mult = _field(model_cfg, "ch_mult")
-  if (not isinstance(ch_mult, (tuple, list)) or not ch_mult
-      or not all(_is_int(m) and m >= 1 for m in ch_mult)):
-    fail("ch_mult", "not a non-empty sequence of positive integers (one per resolution level)",
-         "e.g. (1, 2, 2, 2)")
   widths = [ch * m for m in ch_mult]
   if any(w % _NORM_GROUPS for w in widths):
     fail("ch", f"the level widths ch * ch_mult = {widths} must be multiples of GroupNorm's "
          f"{_NORM_GROUPS} groups", f"a multiple of {_NORM_GROUPS}, e.g. 128")
   levels = len(ch_mult)
-  if image_size % 2 ** (levels - 1):
-    fail("ch_mult", f"its {levels} levels halve the image {levels - 1} times, so image_size "
-         f"{image_size} would have to be a multiple of {2 ** (levels - 1)}",
-         f"at most {(image_size & -image_size).bit_length()} levels for image_size {image_size}")
-  nrb = _field(model_cfg, "num_res_blocks")
-  if not _is_int(nrb) or nrb < 1:
-    fail("num_res_blocks", "not a positive integer", "1, 2, ...")
-  resolutions = tuple(image_size // 2 ** i for i in range(levels))
-  attn = _field(model_cfg, "attn_resolutions")
-  if not isinstance(attn, (tuple, list)) or not all(_is_int(r) and r in resolutions for r in attn):
-    fail("attn_resolutions", f"not a sequence of the network's resolutions {resolutions} "
-         "(resolutions, not improved-diffusion's downsample rates; one the network never runs "
-         "at would silently get no attention)", f"any subset of {resolutions}, e.g. ()")
-  dropout = _field(model_cfg, "dropout")
-  if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-    fail("dropout", "not a probability in [0, 1)", "0.0 <= dropout < 1.0")
-  for name in ("resamp_with_conv", "use_scale_shift_norm", "resblock_updown", "learn_sigma"):
-    if not isinstance(_field(model_cfg, name), bool):
-      fail(name, "not a bool", "True, False")
+  config_checks.check_bools(get, ("resamp_with_conv", "use_scale_shift_norm", "resblock_updown",
+                                  "learn_sigma"), prefix)
   # Attention widths: down and middle blocks use num_heads, up blocks num_heads_upsample.
   down_widths = sorted({ch * ch_mult[i] for i in range(levels) if resolutions[i] in attn}
                        | {widths[-1]})
   up_widths = sorted({ch * ch_mult[i] for i in range(levels) if resolutions[i] in attn})
   head_ch = _field(model_cfg, "num_head_channels")
-  if not _is_int(head_ch) or (head_ch != -1 and head_ch < 1):
+  if not config_checks.is_int(head_ch) or (head_ch != -1 and head_ch < 1):
     fail("num_head_channels", "neither -1 (use num_heads) nor a positive integer",
          "-1, or a divisor of every attention width")
   if head_ch != -1:
@@ -351,13 +317,13 @@ def check_iddpm_config(model_cfg: Mapping[str, Any], image_size: int, num_channe
       fail("num_head_channels", f"does not divide the attention widths {bad}",
            f"-1, or a common divisor of {down_widths}")
   heads = _field(model_cfg, "num_heads")
-  if not _is_int(heads) or heads < 1:
+  if not config_checks.is_int(heads) or heads < 1:
     fail("num_heads", "not a positive integer", "1, 2, 4, ...")
   if head_ch == -1 and any(w % heads for w in down_widths):
     fail("num_heads", f"does not divide the attention widths {down_widths}",
          f"a common divisor of {down_widths}")
   heads_up = _field(model_cfg, "num_heads_upsample")
-  if not _is_int(heads_up) or (heads_up != -1 and heads_up < 1):
+  if not config_checks.is_int(heads_up) or (heads_up != -1 and heads_up < 1):
     fail("num_heads_upsample", "neither -1 (use num_heads) nor a positive integer",
          "-1, 1, 2, 4, ...")
   if head_ch == -1 and heads_up != -1 and any(w % heads_up for w in up_widths):

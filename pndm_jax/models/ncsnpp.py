@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pndm_jax.models.unet import DTYPES, Dropout
+from pndm_jax.models import config_checks
+from pndm_jax.models.unet import Dropout
 
 _EPS = 1e-6
 RESBLOCK_TYPES = ("biggan", "ddpm")
@@ -427,9 +428,6 @@ def _unsupported(fir: bool, resamp_with_conv: bool, resblock_type: str, progress
   return None
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
 
 def _norm_widths(ch: int, ch_mult: tuple[int, ...], num_res_blocks: int,
                  progressive_input: str, combine: str) -> set[int]:
@@ -478,51 +476,20 @@ def check_ncsnpp_config(model_cfg: Mapping[str, Any], image_size: int, num_chann
   'swish'; `init_scale` is accepted and ignored (initialisation only).
   """
   def fail(field: str, value: Any, why: str, valid: str) -> NoReturn:
-    raise ValueError(f"{prefix}{field}={value!r} is not valid: {why}; valid: {valid}")
+    config_checks.fail(prefix, field, value, why, valid)
 
-  for name, value in (("image_size", image_size), ("num_channels", num_channels)):
-    if not _is_int(value) or value < 1:
-      raise ValueError(f"{name}={value!r} is not valid: not a positive integer; valid: 1, 2, ...")
   for field in _REQUIRED:
     if field not in model_cfg:
       raise ValueError(f"{prefix}{field} is missing: NCSNpp needs it; valid: see "
                        "pndm_jax.models.ncsnpp.NCSNpp")
-  dtype = model_cfg["dtype"]
-  try:
-    dtype_name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-  except TypeError:
-    dtype_name = None
-  if dtype_name not in DTYPES:
-    fail("dtype", dtype, "not a computation dtype the network supports", ", ".join(DTYPES))
+  config_checks.check_shared(model_cfg.__getitem__, image_size, num_channels, prefix)
   ch = model_cfg["ch"]
-  if not _is_int(ch) or ch < 4 or ch % 4:
+  if not config_checks.is_int(ch) or ch < 4 or ch % 4:
     fail("ch", ch, "GroupNorm's min(C // 4, 32) groups need a positive multiple of 4",
          "4, 8, ... (128 in the score_sde CIFAR-10 models)")
-  ch_mult = model_cfg["ch_mult"]
-  if (not isinstance(ch_mult, (tuple, list)) or not ch_mult
-      or not all(_is_int(m) and m >= 1 for m in ch_mult)):
-    fail("ch_mult", ch_mult, "not a non-empty sequence of positive integers (one per level)",
-         "e.g. (1, 2, 2, 2)")
-  levels = len(ch_mult)
-  if image_size % 2 ** (levels - 1):
-    fail("ch_mult", ch_mult, f"its {levels} levels halve the image {levels - 1} times, so "
-         f"image_size {image_size} would have to be a multiple of {2 ** (levels - 1)}",
-         f"at most {(image_size & -image_size).bit_length()} levels for image_size {image_size}")
-  nrb = model_cfg["num_res_blocks"]
-  if not _is_int(nrb) or nrb < 1:
-    fail("num_res_blocks", nrb, "not a positive integer", "1, 2, ...")
-  resolutions = tuple(image_size // 2 ** i for i in range(levels))
-  attn = model_cfg["attn_resolutions"]
-  if not isinstance(attn, (tuple, list)) or not all(_is_int(r) and r in resolutions for r in attn):
-    fail("attn_resolutions", attn, f"not a sequence of the network's resolutions {resolutions}",
-         f"any subset of {resolutions}, e.g. (16,)")
-  dropout = model_cfg["dropout"]
-  if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-    fail("dropout", dropout, "not a probability in [0, 1)", "0.0 <= dropout < 1.0")
-  for field in ("resamp_with_conv", "fir", "skip_rescale", "centered", "conditional",
-                "scale_by_sigma"):
-    if not isinstance(_get(model_cfg, field), bool):
-      fail(field, _get(model_cfg, field), "not a bool", "True, False")
+  config_checks.check_bools(lambda field: _get(model_cfg, field),
+                            ("resamp_with_conv", "fir", "skip_rescale", "centered", "conditional",
+                             "scale_by_sigma"), prefix)
   taps = _get(model_cfg, "fir_kernel")
   if (not isinstance(taps, (tuple, list)) or len(taps) < 2 or len(taps) % 2
       or not all(isinstance(t, numbers.Real) for t in taps) or sum(taps) == 0):
@@ -548,7 +515,7 @@ def check_ncsnpp_config(model_cfg: Mapping[str, Any], image_size: int, num_chann
   if why:
     field = "scale_by_sigma" if why.startswith("scale_by_sigma") else "fir"
     fail(field, _get(model_cfg, field), why, "a combination NCSNpp supports (fir=False does)")
-  for width in sorted(_norm_widths(ch, tuple(ch_mult), nrb,
+  for width in sorted(_norm_widths(ch, tuple(model_cfg["ch_mult"]), model_cfg["num_res_blocks"],
                                    _get(model_cfg, "progressive_input").lower(),
                                    _get(model_cfg, "progressive_combine").lower())):
     if width % _groups(width):
@@ -601,6 +568,6 @@ def labels_from_timestep(t: jax.Array, num_timesteps: int, embedding_type: str) 
   if embedding_type != "positional":
     raise ValueError(f"embedding_type={embedding_type!r}: only 'positional' (VP DDPM++) models are "
                      "conditioned on a DDPM timestep; 'fourier' (VE NCSN++) models take sigma")
-  if not _is_int(num_timesteps) or num_timesteps < 2:
+  if not config_checks.is_int(num_timesteps) or num_timesteps < 2:
     raise ValueError(f"num_timesteps={num_timesteps!r} is not valid: need an integer >= 2")
   return jnp.asarray(t, jnp.float32)

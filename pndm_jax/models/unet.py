@@ -6,22 +6,20 @@ float32; `dtype` only sets the computation dtype (bfloat16 on accelerators).
 """
 
 import math
-import numbers
 from collections.abc import Mapping
-from typing import Any, NoReturn
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pndm_jax.models import config_checks
 from pndm_jax.models.prediction import check_prediction_type
 
 # GroupNorm as in DDIM/diffusers: 32 groups, eps 1e-6. Two-pass variance for float32 parity.
 _NORM_GROUPS = 32
 _NORM_EPS = 1e-6
-# Computation dtypes `config.model.dtype` may name (float64 needs jax_enable_x64).
-DTYPES = ("float32", "bfloat16", "float16", "float64")
 
 
 def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
@@ -228,10 +226,6 @@ class UNet(nn.Module):
     return _conv(self.out_channels, 3, dt, "conv_out")(h)
 
 
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_model_config(model_config: Mapping[str, Any], image_size: int, num_channels: int,
                        prefix: str = "config.model.") -> None:
   """Raises a ValueError naming the first `model` field that cannot build a UNet, and why.
@@ -241,48 +235,14 @@ def check_model_config(model_config: Mapping[str, Any], image_size: int, num_cha
   `prediction_type` (what the network outputs) is checked where present: checkpoints do not
   record it.
   """
-  def fail(field: str, why: str, valid: str) -> NoReturn:
-    raise ValueError(f"{prefix}{field}={model_config[field]!r} is not valid: {why}; "
-                     f"valid: {valid}")
-
-  for name, value in (("image_size", image_size), ("num_channels", num_channels)):
-    if not _is_int(value) or value < 1:
-      raise ValueError(f"{name}={value!r} is not valid: not a positive integer; valid: 1, 2, ...")
-  dtype = model_config["dtype"]
-  try:
-    dtype_name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
-  except TypeError:
-    dtype_name = None
-  if dtype_name not in DTYPES:
-    fail("dtype", "not a computation dtype the U-Net supports", ", ".join(DTYPES))
-  ch = model_config["ch"]
-  if not _is_int(ch) or ch < 1 or ch % _NORM_GROUPS:
-    fail("ch", f"GroupNorm's {_NORM_GROUPS} groups need a positive multiple of {_NORM_GROUPS}",
-         f"{_NORM_GROUPS}, {2 * _NORM_GROUPS}, ... (128 in the DDPM/DDIM networks)")
-  ch_mult = model_config["ch_mult"]
-  if (not isinstance(ch_mult, (tuple, list)) or not ch_mult
-      or not all(_is_int(m) and m >= 1 for m in ch_mult)):
-    fail("ch_mult", "not a non-empty sequence of positive integers (one per resolution level)",
-         "e.g. (1, 2, 2, 2)")
-  levels = len(ch_mult)
-  if image_size % 2 ** (levels - 1):
-    fail("ch_mult", f"its {levels} levels halve the image {levels - 1} times, so image_size "
-         f"{image_size} would have to be a multiple of {2 ** (levels - 1)}",
-         f"at most {(image_size & -image_size).bit_length()} levels for image_size {image_size}")
-  num_res_blocks = model_config["num_res_blocks"]
-  if not _is_int(num_res_blocks) or num_res_blocks < 1:
-    fail("num_res_blocks", "not a positive integer", "1, 2, ...")
-  resolutions = tuple(image_size // 2 ** i for i in range(levels))
-  attn = model_config["attn_resolutions"]
-  if not isinstance(attn, (tuple, list)) or not all(_is_int(r) and r in resolutions for r in attn):
-    fail("attn_resolutions", f"not a sequence of the network's resolutions {resolutions} (a "
-         "resolution it never runs at would silently get no attention)",
-         f"any subset of {resolutions}, e.g. ()")
-  dropout = model_config["dropout"]
-  if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
-    fail("dropout", "not a probability in [0, 1)", "0.0 <= dropout < 1.0")
-  if not isinstance(model_config["resamp_with_conv"], bool):
-    fail("resamp_with_conv", "not a bool", "True, False")
+  get = model_config.__getitem__
+  config_checks.check_shared(get, image_size, num_channels, prefix)
+  ch = get("ch")
+  if not config_checks.is_int(ch) or ch < 1 or ch % _NORM_GROUPS:
+    config_checks.fail(prefix, "ch", ch, f"GroupNorm's {_NORM_GROUPS} groups need a positive "
+                       f"multiple of {_NORM_GROUPS}", f"{_NORM_GROUPS}, {2 * _NORM_GROUPS}, ... "
+                       "(128 in the DDPM/DDIM networks)")
+  config_checks.check_bools(get, ("resamp_with_conv",), prefix)
   if "prediction_type" in model_config:
     check_prediction_type(model_config["prediction_type"], f"{prefix}prediction_type")
 
