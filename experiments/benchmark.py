@@ -447,8 +447,9 @@ class Bench:
     config, training = self.config, self.config.training
     tx = train.make_optimizer(training)
     key = jax.random.key(config.seed)
-    state = train.create_train_state(self.model, tx, key, config.data.image_size,
-                                     config.data.num_channels, self.mesh)
+    # from the weights both sides already hold (no second initialisation to compile)
+    state = jax.jit(lambda params: train.initial_state(params, tx),
+                    out_shardings=self.replicated)(self.params)
     fn = train.make_train_fn(self.model, tx, self.schedule, train.step_settings(config),
                              self.mesh, key)
     batches = jax.device_put(self.images[None], train.steps_batch_sharding(self.mesh))

@@ -49,6 +49,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import report  # noqa: E402
+from experiments.method_families import (  # noqa: E402
+  DATA_PREDICTION,
+  PSEUDO,
+  colors,
+  family,
+  fitted_order,
+  label,
+)
 from pndm_jax import analytic, samplers, schedules  # noqa: E402
 
 # the paper's ablation space: transfer x gradient part (x warm-up), and variable-step PLMS (the
@@ -62,9 +70,6 @@ PRESET_METHODS = tuple(name for name, value in samplers.PRESETS.items()
                        if isinstance(value, samplers.Deterministic)
                        and value not in _ABLATION_VALUES)
 DEFAULT_METHODS = ABLATIONS + PRESET_METHODS
-# the families the targets compare (by preset name)
-PSEUDO = ("pndm-v", "pndm-v-ramp", "f-pndm", "s-pndm", "ipndm", "deis1", "deis2", "deis3", "plms")
-DATA_PREDICTION = ("dpm++2m", "dpm++3m", "dpm++2s", "unipc2", "unipc3", "unipc2-bh1", "unipc3-bh1")
 BASELINES = DATA_PREDICTION + ("deis1", "deis2", "deis3")  # DPM-Solver++, UniPC, DEIS
 BUDGETS = (5, 6, 8, 10, 15, 20, 50)
 REPORT_BUDGET = 10
@@ -92,20 +97,9 @@ QUICK = dict(models=("gaussian",), schedules=("linear",), spacings=("uniform",),
                       "pndm-v", "dpm++2m"))
 
 
-def label(name: str) -> str:
-  """The preset name a method name stands for (e.g. pseudo-lms2-heun -> s-pndm), else itself."""
-  method = samplers.get_method(name)
-  return next((k for k, v in samplers.PRESETS.items() if v == method), name)
-
-
 def under_paper(name: str) -> bool:
   """Whether `name` is in the paper's ablation space, which also runs under `paper`."""
   return samplers.get_method(name) in _ABLATION_VALUES
-
-
-def family(name: str) -> str:
-  lab = label(name)
-  return "pseudo" if lab in PSEUDO else "data" if lab in DATA_PREDICTION else "other"
 
 
 def make_model(name: str) -> analytic.GaussianMixture:
@@ -163,15 +157,6 @@ def steps_for_budget(method, sched, spacing, convention, budget) -> tuple[int, i
       lambda s: method.num_evals(schedules.Discretization(sched, s, spacing, convention)), budget)
 
 
-def fitted_order(steps, errors, fit) -> float:
-  """Slope of log median error vs log S over the fit's step counts (nan if any is missing)."""
-  pts = [(s, e) for s, e in zip(steps, errors) if s in fit and e > 0]
-  if len(pts) < len(fit):
-    return math.nan
-  x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
-  return float(-np.polyfit(x, y, 1)[0])
-
-
 def run_setting(runner: Runner, setting, method_names, grid, rows, budget_rows, skipped):
   """Every method on one setting; appends to the row lists; returns {method: order}."""
   model_name, sched_name, spacing, convention = setting
@@ -226,7 +211,7 @@ def plot(path: str, settings, rows, method_names) -> None:
   """Median error vs NFE per setting (presets only; the ablation names are in errors.csv)."""
   shown = [n for n in method_names if label(n) in samplers.PRESETS]
   labels = list(dict.fromkeys(label(n) for n in shown))
-  colors = dict(zip(labels, [plt.cm.tab20(i) for i in (*range(0, 20, 2), *range(1, 20, 2))]))
+  color = colors(labels)
   style = dict(pseudo="-", data="--", other=":")
   ncols = min(3, len(settings))
   nrows = math.ceil(len(settings) / ncols)
@@ -239,7 +224,7 @@ def plot(path: str, settings, rows, method_names) -> None:
       if pts:
         lab = label(name)
         (line,) = ax.loglog(*zip(*pts), style[family(name)], marker="o", ms=2.5, lw=1.2,
-                            color=colors[lab], label=lab)
+                            color=color[lab], label=lab)
         handles.setdefault(lab, line)
     ax.axvline(REPORT_BUDGET, color="gray", lw=0.6, ls=":")
     ax.set_title(f"{setting[0]}, {setting[1]}, {column(setting)}"

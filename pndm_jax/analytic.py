@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pndm_jax import schedules
+from pndm_jax import reference_ode, schedules
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -96,36 +96,12 @@ class GaussianMixture:
 
   def reference_solution(self, x_T: jax.Array, a_start: float, a_end: float,
                          num_steps: int = 2000) -> jax.Array:
-    """A high-accuracy numerical ODE solution: fixed-step RK4 in log sigma.
-
-    dy/dlog(sigma) = sigma eps is smooth in log sigma from sigma_start down to a
-    floor far below every data scale; the last stretch from the floor to
-    sigma_end (0 when a_end = 1) is integrated in sigma, where eps is linear.
-    """
-    sigma_of = lambda a: float(np.sqrt((1.0 - a) / a))
-    sigma_start, sigma_end = sigma_of(a_start), sigma_of(a_end)
-    floor = max(sigma_end, 1e-6 * float(np.min(self.stds)))
-    y = x_T.reshape(x_T.shape[0], -1) / np.sqrt(a_start)
-    in_log = lambda s, y: jnp.exp(s) * self.eps_y(y, jnp.exp(s))
-    y = _rk4(in_log, y, np.log(sigma_start), np.log(floor), num_steps)
-    if floor > sigma_end:
-      y = _rk4(lambda s, y: self.eps_y(y, s), y, floor, sigma_end, 8)
-    return (np.sqrt(a_end) * y).reshape(x_T.shape).astype(x_T.dtype)
-
-
-def _rk4(f: Callable, y: jax.Array, s0: float, s1: float, num_steps: int) -> jax.Array:
-  """Classical fixed-step RK4 for dy/ds = f(s, y) from s0 to s1."""
-  h = (s1 - s0) / num_steps
-
-  def step(i, y):
-    s = s0 + i * h
-    k1 = f(s, y)
-    k2 = f(s + h / 2, y + h / 2 * k1)
-    k3 = f(s + h / 2, y + h / 2 * k2)
-    k4 = f(s + h, y + h * k3)
-    return y + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
-
-  return jax.lax.fori_loop(0, num_steps, step, y)
+    """A high-accuracy numerical ODE solution (`reference_ode.solve`), its floor far below
+    every component's scale."""
+    flat = x_T.reshape(x_T.shape[0], -1)
+    y = reference_ode.solve(self.eps_y, flat, a_start, a_end,
+                            floor=1e-6 * float(np.min(self.stds)), num_steps=num_steps)
+    return y.reshape(x_T.shape)
 
 
 def gaussian(dim: int = 8, seed: int = 0) -> GaussianMixture:

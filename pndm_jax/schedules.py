@@ -143,15 +143,18 @@ class Schedule:
     between = xp.exp((1.0 - frac) * log_table[lo] + frac * log_table[lo + 1])
     return xp.where(u == xp.floor(u), xp.asarray(with_one)[xp.floor(u).astype(xp.int32)], between)
 
-  def time_of_alpha_bar(self, a: np.ndarray) -> np.ndarray:
-    """The t in [-1, N-1] whose `consistent` alpha-bar is `a` (host, float64).
+  def time_of_alpha_bar(self, a: ArrayLike) -> ArrayLike:
+    """The t in [-1, N-1] whose `consistent` alpha-bar is `a` (numpy: host, float64; a jax
+    array: traced, in its dtype).
 
     Inverts the log-linear interpolation of log A between integers (A[-1] = 1), which is
     monotone; alpha-bars outside [A[N-1], 1] are clipped to the ends.
     """
+    xp = jnp if isinstance(a, jax.Array) else np
     with_one = np.concatenate([[1.0], self.alphas_cumprod])
     t = np.arange(-1.0, self.num_timesteps)
-    return np.interp(-np.log(np.asarray(a, np.float64)), -np.log(with_one), t)
+    a = a if xp is jnp else np.asarray(a, np.float64)
+    return xp.interp(-xp.log(a), xp.asarray(-np.log(with_one), a.dtype), xp.asarray(t, a.dtype))
 
 
 def from_config(diffusion: ml_collections.ConfigDict) -> Schedule:

@@ -21,7 +21,7 @@ import dataclasses
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax
@@ -141,20 +141,24 @@ def random_flip(key: jax.Array, x: jax.Array) -> jax.Array:
 
 def diffusion_loss(params: Any, model: nn.Module, x0: jax.Array, key: jax.Array,
                    alphas_cumprod: jax.Array, loss: str, flip: bool) -> jax.Array:
-  """The eps-prediction loss of one batch: per-image error summed over pixels, batch mean."""
+  """The eps-prediction loss of one batch: per-example error summed over the example, batch mean.
+
+  x0 is a batch of NHWC images or, for the toy networks of the experiments, of vectors [B, D]
+  (`flip` is for images only).
+  """
   k_flip, k_t, k_noise, k_dropout = jax.random.split(key, 4)
   x0 = x0.astype(jnp.float32)
   if flip:
     x0 = random_flip(k_flip, x0)
   t = antithetic_timesteps(k_t, x0.shape[0], alphas_cumprod.shape[0])
-  a = alphas_cumprod[t][:, None, None, None]
+  a = alphas_cumprod[t].reshape((-1,) + (1,) * (x0.ndim - 1))
   noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
   x_t = jnp.sqrt(a) * x0 + jnp.sqrt(1.0 - a) * noise
   eps = models.apply_eps(model, params, x_t, t.astype(jnp.float32),
                          num_timesteps=alphas_cumprod.shape[0], train=True,
                          rngs={"dropout": k_dropout}).astype(jnp.float32)
   err = jnp.abs(eps - noise) if loss == "l1" else jnp.square(eps - noise)
-  return jnp.mean(jnp.sum(err, axis=(1, 2, 3)))
+  return jnp.mean(jnp.sum(err, axis=tuple(range(1, x0.ndim))))
 
 
 def train_step(state: TrainState, x0: jax.Array, *, model: nn.Module,
@@ -183,16 +187,22 @@ def steps_batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(None, sharding.BATCH_AXIS))
 
 
+def initial_state(params: Any, tx: optax.GradientTransformation) -> TrainState:
+  """The state at step 0 from `params`: EMA = params, a fresh optimizer state (traceable)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params),  # own buffers: state is donated
+                    opt_state=tx.init(params))
+
+
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       image_size: int, num_channels: int, mesh: Mesh) -> TrainState:
-  """Freshly initialised state (step 0, EMA = params), replicated over the mesh."""
+                       example_shape: Sequence[int], mesh: Mesh) -> TrainState:
+  """Freshly initialised state (step 0, EMA = params), replicated over the mesh; `example_shape`
+  is one example's, e.g. (H, W, C)."""
 
   def init(key):
-    x = jnp.zeros((1, image_size, image_size, num_channels), jnp.float32)
-    params = model.init({"params": key}, x, jnp.zeros((1,), jnp.float32))["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      ema_params=jax.tree.map(jnp.copy, params),  # own buffers: state is donated
-                      opt_state=tx.init(params))
+    x = jnp.zeros((1, *example_shape), jnp.float32)
+    return initial_state(model.init({"params": key}, x, jnp.zeros((1,), jnp.float32))["params"],
+                         tx)
 
   return jax.jit(init, out_shardings=sharding.replicated(mesh))(key)
 
@@ -296,7 +306,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   model = models.from_config(config.model, data.image_size, data.num_channels)
   tx = make_optimizer(training)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state = create_train_state(model, tx, init_key, data.image_size, data.num_channels, mesh)
+  state = create_train_state(model, tx, init_key,
+                             (data.image_size, data.image_size, data.num_channels), mesh)
 
   is_chief = distributed.is_chief()
   with contextlib.ExitStack() as stack:

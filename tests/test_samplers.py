@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pndm_jax import analytic, samplers, schedules
+from pndm_jax import analytic, reference_ode, samplers, schedules
 from pndm_jax.samplers import multistep_weights
 
 LINEAR = schedules.Schedule("linear")
@@ -183,6 +183,22 @@ def test_reference_solution_matches_closed_form(x64):
     exact = gauss.exact_solution(x_T, a_start, a_end)
     ref = gauss.reference_solution(x_T, a_start, a_end)
     assert np.max(np.abs(ref - exact)) < 1e-8
+
+
+def test_a_timestep_networks_reference_solution_is_its_odes(x64):
+  """reference_ode.solve on eps_fn(x, t) (what a trained network gives) reaches the closed-form
+  solution of the ODE the samplers solve under `consistent`: images [B, H, W, C] included."""
+  gauss = analytic.gaussian(dim=12)
+  schedule = schedules.Schedule("linear")
+  eps_fn = gauss.eps_fn(lambda t: schedule.alpha_bar(t, "consistent"))
+  x_T = jax.random.normal(jax.random.key(4), (5, 2, 2, 3), jnp.float64)
+  d = schedules.Discretization(schedule, 10, "logsnr", "consistent")
+  a_start, a_end = analytic.ode_endpoints(d)
+  ref = reference_ode.solve(reference_ode.timestep_eps_y(eps_fn, schedule), x_T, a_start, a_end,
+                            floor=1e-8)
+  assert ref.shape == x_T.shape
+  exact = gauss.exact_solution(x_T.reshape(5, -1), a_start, a_end).reshape(x_T.shape)
+  assert np.max(np.abs(ref - exact)) < 1e-7
 
 
 # --- NFE ---

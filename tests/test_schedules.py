@@ -2,6 +2,8 @@
 
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -274,3 +276,10 @@ def test_time_of_alpha_bar_inverts_the_consistent_alpha_bar():
   for schedule in (LINEAR, schedules.Schedule("cosine")):
     assert np.allclose(schedule.time_of_alpha_bar(schedule.alpha_bar(t, "consistent")), t,
                        rtol=0, atol=1e-8)
+
+
+def test_time_of_alpha_bar_traces_as_on_the_host(x64):
+  a = LINEAR.alpha_bar(np.linspace(-1, 999, 53), "consistent")
+  traced = jax.jit(LINEAR.time_of_alpha_bar)(jnp.asarray(a))
+  assert traced.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(traced), LINEAR.time_of_alpha_bar(a), rtol=0, atol=1e-9)

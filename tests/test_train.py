@@ -25,6 +25,7 @@ from sklearn import datasets
 from configs import default, digits_train, gmm_pndm
 from pndm_jax import checkpoints, eps_models, progress, schedules, sharding, train
 from pndm_jax.models import unet, unet_from_config
+from pndm_jax.models.mlp import EpsMLP
 from pndm_jax.sampler_spec import from_config as spec_of
 
 
@@ -66,8 +67,9 @@ def build(config, mesh, with_state=True, loop=None):
   tx = train.make_optimizer(config.training)
   schedule = schedules.Schedule(config.diffusion.schedule, config.diffusion.num_timesteps)
   init_key, train_key = jax.random.split(jax.random.key(config.seed))
-  state = (train.create_train_state(model, tx, init_key, config.data.image_size,
-                                    config.data.num_channels, mesh) if with_state else None)
+  size, channels = config.data.image_size, config.data.num_channels
+  state = (train.create_train_state(model, tx, init_key, (size, size, channels), mesh)
+           if with_state else None)
   return state, train.make_train_fn(model, tx, schedule, train.step_settings(config), mesh,
                                     train_key, loop=loop)
 
@@ -132,8 +134,8 @@ def test_train_step_computes_in_float32_under_x64(x64):
   config = tiny_config()
   model = unet_from_config(config.model, config.data.image_size, config.data.num_channels)
   tx = train.make_optimizer(config.training)
-  state = jax.eval_shape(functools.partial(train.create_train_state, model, tx, image_size=8,
-                                           num_channels=3, mesh=sharding.batch_mesh()),
+  state = jax.eval_shape(functools.partial(train.create_train_state, model, tx,
+                                           example_shape=(8, 8, 3), mesh=sharding.batch_mesh()),
                          jax.random.key(0))
   step = functools.partial(train.train_step, model=model, tx=tx,
                            alphas_cumprod=jnp.linspace(1.0, 0.0, 1000, dtype=jnp.float32),
@@ -147,9 +149,30 @@ def test_train_step_computes_in_float32_under_x64(x64):
   assert jax.eval_shape(lr, jnp.int64(0)).dtype == jnp.float32  # any integer count
 
 
+def test_the_objective_of_vectors_is_the_per_example_sum(x64):
+  """The toy networks' data: x0 [B, D], the same eps objective (numpy from the same draws)."""
+  model = EpsMLP(features=16, num_blocks=1, embed_dim=8)
+  x0 = np.random.default_rng(0).normal(size=(6, 5)).astype(np.float32)
+  params = jax.jit(model.init)(jax.random.key(1), x0, jnp.zeros((6,)))["params"]
+  ac = np.linspace(0.999, 0.01, 50)
+  key = jax.random.key(2)
+  loss = train.diffusion_loss(params, model, x0, key, jnp.asarray(ac, jnp.float32), "l2", False)
+  _, k_t, k_noise, _ = jax.random.split(key, 4)
+  t = np.asarray(train.antithetic_timesteps(k_t, 6, 50))
+  noise = np.asarray(jax.random.normal(k_noise, x0.shape, jnp.float32), np.float64)
+  a = ac[t][:, None]
+  x_t = np.sqrt(a) * x0 + np.sqrt(1 - a) * noise
+  eps = np.asarray(model.apply({"params": params}, jnp.asarray(x_t, jnp.float32),
+                               jnp.asarray(t, jnp.float32)), np.float64)
+  assert eps.shape == x0.shape
+  np.testing.assert_allclose(float(loss), np.mean(np.sum((eps - noise) ** 2, axis=1)), rtol=1e-5)
+  other_t = model.apply({"params": params}, jnp.asarray(x_t, jnp.float32), 7.0)  # scalar t
+  assert not np.allclose(np.asarray(other_t), eps, atol=1e-3)
+
+
 def test_loss_goes_down_and_ema_matches_numpy(fixed_batch):
   config = tiny_config()
-  state, train_fn = build(config, sharding.batch_mesh())
+  state, train_fn = build(config, sharding.batch_mesh(jax.devices()[:1]))  # 8: the next test
   decay = config.training.ema_decay
   ema = jax.device_get(state.params)
   losses = []
