@@ -173,13 +173,13 @@ def run_dim(dim: int, steps: tuple[int, ...], num_samples: int, train_steps: int
     for row, (source, eps_fn) in enumerate(sources.items()):
       for col, name in enumerate(METHODS):
         method = samplers.get_method(name)
-        if s != steps[0]:
-          x0 = run_method(eps_fn, x_T, method, d)
-        else:
+        if s == steps[0]:  # the step count the figures show: every query recorded
           x0, probed = run_recording(eps_fn, x_T, method, d)
+        else:
+          x0, probed = run_method(eps_fn, x_T, method, d), None
         rows.append(dict(dim=dim, eps=source, steps=s, method=name, nfe=method.num_evals(d),
                          **scores(data, x0, reference), **floors))
-        if s != steps[0]:
+        if probed is None:
           continue
         probed = [(x[:NUM_PROBED], t) for x, t in probed]
         draw_samples(axes[row, col], data, x0,
@@ -192,7 +192,7 @@ def run_dim(dim: int, steps: tuple[int, ...], num_samples: int, train_steps: int
                              marker="o" if dim == 2 else "s", ms=2.5, lw=1 if dim == 2 else 2,
                              label=f"D={dim} {name}")
     if s == steps[0]:
-      ts = sorted({r for r in d.t}, reverse=True)
+      ts = sorted(set(d.t), reverse=True)
       for ax in curve_axes:
         ax.plot(ts, noised_data_nll(data, d, ts, 2048), "k", lw=2 if dim == 2 else 1,
                 label=f"D={dim} true noised data")
@@ -202,7 +202,6 @@ def run_dim(dim: int, steps: tuple[int, ...], num_samples: int, train_steps: int
   fig.savefig(os.path.join(out_dir, f"manifold_{dim}d.png"), dpi=110)
   plt.close(fig)
   return rows, training
-
 
 
 def comparisons(rows: list[dict]) -> list[dict]:

@@ -82,8 +82,11 @@ def relative_difference(a, b):
 
 @pytest.mark.parametrize(
     "skip_prk_steps, num_steps, schedule_name, steps_offset, set_alpha_to_one, spacing",
-    list(itertools.product([True, False], [10, 25, 30, 50], list(SCHEDULES), [0, 1],
-                           [False, True], ["leading", "trailing", "linspace"])))
+    # every grid option at 10, 30 (not a divisor of N) and 50 steps on DDPM's schedule; Stable
+    # Diffusion's differs only in its table, so at 50 steps
+    [case for case in itertools.product([True, False], [10, 30, 50], list(SCHEDULES), [0, 1],
+                                        [False, True], ["leading", "trailing", "linspace"])
+     if case[2] == "linear" or case[1] == 50])
 def test_trajectory_matches_pndm_scheduler(x64, skip_prk_steps, num_steps, schedule_name,
                                            steps_offset, set_alpha_to_one, spacing):
   table = float64_alphas_cumprod(schedule_name)
