@@ -38,7 +38,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from experiments import report, toy_network  # noqa: E402
-from pndm_jax import samplers, schedules  # noqa: E402
+from pndm_jax import models, samplers, schedules  # noqa: E402
 
 flags.DEFINE_bool("quick", False, "D = 2 only, a briefly trained network, few samples (tests).")
 flags.DEFINE_string("out", "experiments/results/manifold", "Output directory.")
@@ -164,7 +164,7 @@ def run_dim(dim: int, steps: tuple[int, ...], num_samples: int, train_steps: int
   fresh = np.asarray(data.sample(jax.random.key(4), num_samples, jnp.float64))
   floors = dict(sliced_w2_floor=sliced_wasserstein(fresh, reference),
                 ring_distance_data=float(np.median(data.ring_distance(fresh))))
-  network = toy_network.network_eps_fn(model, params)
+  network = models.eps_fn(model, params)
   fig, axes = plt.subplots(2, len(METHODS), figsize=(2.4 * len(METHODS), 5.2), squeeze=False)
   rows = []
   for s in steps:

@@ -51,7 +51,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from configs import digits_pndm  # noqa: E402
 from experiments import report, toy_network  # noqa: E402
 from experiments.method_families import colors, fitted_order, label, transfer  # noqa: E402
-from pndm_jax import analytic, eps_models, reference_ode, sampler_spec, samplers, schedules  # noqa: E402
+from pndm_jax import (  # noqa: E402
+  analytic,
+  eps_models,
+  models,
+  reference_ode,
+  sampler_spec,
+  samplers,
+  schedules,
+)
 
 NETWORKS = ("ring", "digits")
 # the paper's methods and its ablation's RK4 pair, then the fast samplers they are compared with
@@ -127,7 +135,7 @@ def ring_network(num_samples: int, train_steps: int, batch_size: int) -> Network
              f"2-D ring of `experiments.toy_network`, `{schedule.name}` schedule, "
              f"{time.time() - start:.0f} s; final training loss {loss:.4f} (mean over the last "
              f"training call, up to 500 steps)")
-  eps_fn = in_float32(toy_network.network_eps_fn(model, params))
+  eps_fn = in_float32(models.eps_fn(model, params))
   return Network("ring", eps_fn, schedule, initial_noise(num_samples, (2,)), details)
 
 

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 from scipy import stats
 
-from pndm_jax import analytic, models, schedules, sharding, train
+from pndm_jax import analytic, schedules, sharding, train
 from pndm_jax.models.mlp import EpsMLP
 
 RING_RADIUS = 0.7
@@ -105,7 +105,3 @@ def train_eps_mlp(data: Ring, schedule: schedules.Schedule, num_steps: int, *,
     loss = float(np.mean(metrics["loss"]))
   return model, state.ema_params, loss
 
-
-def network_eps_fn(model: EpsMLP, params: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
-  """The sampler's eps_fn(x, t) of the trained network."""
-  return models.eps_fn(model, params)

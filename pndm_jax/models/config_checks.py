@@ -66,3 +66,12 @@ def check_shared(get: Callable[[str], Any], image_size: int, num_channels: int,
   if not isinstance(dropout, numbers.Real) or isinstance(dropout, bool) or not 0 <= dropout < 1:
     fail(prefix, "dropout", dropout, "not a probability in [0, 1)", "0.0 <= dropout < 1.0")
   return resolutions
+
+
+def shared_fields(get: Callable[[str], Any]) -> dict[str, Any]:
+  """The fields every family reads alike, as its module takes them (checked by `check_shared`):
+  channels, their multipliers, blocks per level, attention resolutions, dropout and dtype."""
+  return dict(ch=int(get("ch")), ch_mult=tuple(int(m) for m in get("ch_mult")),
+              num_res_blocks=int(get("num_res_blocks")),
+              attn_resolutions=tuple(int(r) for r in get("attn_resolutions")),
+              dropout=float(get("dropout")), dtype=jnp.dtype(get("dtype")))

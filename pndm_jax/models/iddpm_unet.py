@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pndm_jax.models import config_checks
-from pndm_jax.models.unet import Dropout, UpsampledConv
+from pndm_jax.models.unet import Dropout, UpsampledConv, check_input_channels, time_mlp
 
 # GroupNorm32: 32 groups, PyTorch's default eps, statistics in float32.
 _NORM_GROUPS = 32
@@ -214,15 +214,11 @@ class IDDPMUNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
-    if x.shape[-1] != self.in_channels:
-      raise ValueError(f"expected {self.in_channels} input channels (NHWC), got x of shape "
-                       f"{x.shape}")
+    check_input_channels(x, self.in_channels)
     dt = self.dtype
     levels = len(self.ch_mult)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-    emb = timestep_embedding(t, self.ch).astype(dt)
-    emb = nn.Dense(4 * self.ch, dtype=dt, name="time_embed_0")(emb)
-    emb = nn.Dense(4 * self.ch, dtype=dt, name="time_embed_2")(nn.silu(emb))
+    emb = time_mlp(timestep_embedding(t, self.ch), self.ch, dt, ("time_embed_0", "time_embed_2"))
 
     def res(h: jax.Array, out_ch: int, name: str, updown: str = "") -> jax.Array:
       return ResBlock(out_ch, self.dropout, self.use_scale_shift_norm, dt, updown,
@@ -340,11 +336,7 @@ def iddpm_from_config(model_cfg: Mapping[str, Any], image_size: int,
   check_iddpm_config(model_cfg, image_size, num_channels)
   f = lambda name: _field(model_cfg, name)
   return IDDPMUNet(
-      ch=int(f("ch")),
-      ch_mult=tuple(int(m) for m in f("ch_mult")),
-      num_res_blocks=int(f("num_res_blocks")),
-      attn_resolutions=tuple(int(r) for r in f("attn_resolutions")),
-      dropout=float(f("dropout")),
+      **config_checks.shared_fields(f),
       resamp_with_conv=f("resamp_with_conv"),
       num_heads=int(f("num_heads")),
       num_head_channels=int(f("num_head_channels")),
@@ -354,5 +346,4 @@ def iddpm_from_config(model_cfg: Mapping[str, Any], image_size: int,
       learn_sigma=f("learn_sigma"),
       in_channels=num_channels,
       image_size=image_size,
-      dtype=jnp.dtype(f("dtype")),
   )

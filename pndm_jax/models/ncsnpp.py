@@ -158,6 +158,18 @@ class AttnBlockpp(nn.Module):
     return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
 
 
+def _conv_time_conv(h: jax.Array, temb: jax.Array | None, out_ch: int, dropout: float,
+                    dtype: Any, train: bool) -> jax.Array:
+  """The middle both residual blocks share: Conv_0, + Dense_0(temb), GroupNorm_1, SiLU,
+  Dropout_0, Conv_1 (call it in a block's compact method: the layers are the block's)."""
+  h = _conv(out_ch, 3, dtype, "Conv_0")(h)
+  if temb is not None:
+    h = h + nn.Dense(out_ch, dtype=dtype, name="Dense_0")(nn.swish(temb))[:, None, None]
+  h = nn.swish(_group_norm(out_ch, dtype, "GroupNorm_1")(h))
+  h = Dropout(dropout, name="Dropout_0")(h, deterministic=not train)
+  return _conv(out_ch, 3, dtype, "Conv_1")(h)
+
+
 class ResnetBlockDDPMpp(nn.Module):
   """score_sde's ResnetBlockDDPMpp; a NIN shortcut when the channel count changes."""
   out_ch: int
@@ -169,12 +181,7 @@ class ResnetBlockDDPMpp(nn.Module):
   def __call__(self, x: jax.Array, temb: jax.Array | None, train: bool) -> jax.Array:
     in_ch = x.shape[-1]
     h = nn.swish(_group_norm(in_ch, self.dtype, "GroupNorm_0")(x))
-    h = _conv(self.out_ch, 3, self.dtype, "Conv_0")(h)
-    if temb is not None:
-      h = h + nn.Dense(self.out_ch, dtype=self.dtype, name="Dense_0")(nn.swish(temb))[:, None, None]
-    h = nn.swish(_group_norm(self.out_ch, self.dtype, "GroupNorm_1")(h))
-    h = Dropout(self.dropout, name="Dropout_0")(h, deterministic=not train)
-    h = _conv(self.out_ch, 3, self.dtype, "Conv_1")(h)
+    h = _conv_time_conv(h, temb, self.out_ch, self.dropout, self.dtype, train)
     if in_ch != self.out_ch:
       x = NIN(self.out_ch, self.dtype, name="NIN_0")(x)
     return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
@@ -203,12 +210,7 @@ class ResnetBlockBigGANpp(nn.Module):
       resample = None
     if resample is not None:
       h, x = resample(h), resample(x)
-    h = _conv(self.out_ch, 3, self.dtype, "Conv_0")(h)
-    if temb is not None:
-      h = h + nn.Dense(self.out_ch, dtype=self.dtype, name="Dense_0")(nn.swish(temb))[:, None, None]
-    h = nn.swish(_group_norm(self.out_ch, self.dtype, "GroupNorm_1")(h))
-    h = Dropout(self.dropout, name="Dropout_0")(h, deterministic=not train)
-    h = _conv(self.out_ch, 3, self.dtype, "Conv_1")(h)
+    h = _conv_time_conv(h, temb, self.out_ch, self.dropout, self.dtype, train)
     if in_ch != self.out_ch or self.up or self.down:
       x = _conv(self.out_ch, 1, self.dtype, "Conv_2")(x)
     return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
@@ -531,11 +533,7 @@ def ncsnpp_from_config(model_cfg: Mapping[str, Any], image_size: int,
   """
   check_ncsnpp_config(model_cfg, image_size, num_channels)
   return NCSNpp(
-      ch=int(model_cfg["ch"]),
-      ch_mult=tuple(int(m) for m in model_cfg["ch_mult"]),
-      num_res_blocks=int(model_cfg["num_res_blocks"]),
-      attn_resolutions=tuple(int(r) for r in model_cfg["attn_resolutions"]),
-      dropout=float(model_cfg["dropout"]),
+      **config_checks.shared_fields(model_cfg.__getitem__),
       resamp_with_conv=_get(model_cfg, "resamp_with_conv"),
       fir=_get(model_cfg, "fir"),
       fir_kernel=tuple(_get(model_cfg, "fir_kernel")),
@@ -551,7 +549,6 @@ def ncsnpp_from_config(model_cfg: Mapping[str, Any], image_size: int,
       scale_by_sigma=_get(model_cfg, "scale_by_sigma"),
       in_channels=num_channels,
       image_size=image_size,
-      dtype=jnp.dtype(model_cfg["dtype"]),
   )
 
 

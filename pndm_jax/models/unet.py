@@ -40,6 +40,18 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
+def check_input_channels(x: jax.Array, in_channels: int) -> None:
+  if x.shape[-1] != in_channels:
+    raise ValueError(f"expected {in_channels} input channels (NHWC), got x of shape {x.shape}")
+
+
+def time_mlp(embedding: jax.Array, ch: int, dtype: Any, names: tuple[str, str]) -> jax.Array:
+  """The time embedding [B, 4 ch] from a sinusoidal one: Dense, SiLU, Dense, the two layers
+  named as the family's checkpoints name them (call it in a compact method)."""
+  emb = nn.Dense(4 * ch, dtype=dtype, name=names[0])(embedding.astype(dtype))
+  return nn.Dense(4 * ch, dtype=dtype, name=names[1])(nn.silu(emb))
+
+
 def _norm(dtype: Any, name: str) -> nn.GroupNorm:
   return nn.GroupNorm(num_groups=_NORM_GROUPS, epsilon=_NORM_EPS, use_fast_variance=False,
                       dtype=dtype, name=name)
@@ -182,15 +194,11 @@ class UNet(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, train: bool = False) -> jax.Array:
-    if x.shape[-1] != self.in_channels:
-      raise ValueError(f"expected {self.in_channels} input channels (NHWC), got x of shape "
-                       f"{x.shape}")
+    check_input_channels(x, self.in_channels)
     dt = self.dtype
     levels = len(self.ch_mult)
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (x.shape[0],))
-    temb = timestep_embedding(t, self.ch).astype(dt)
-    temb = nn.Dense(4 * self.ch, dtype=dt, name="temb_dense0")(temb)
-    temb = nn.Dense(4 * self.ch, dtype=dt, name="temb_dense1")(nn.swish(temb))
+    temb = time_mlp(timestep_embedding(t, self.ch), self.ch, dt, ("temb_dense0", "temb_dense1"))
 
     def block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
       return ResnetBlock(out_ch, self.dropout, dt, name=name)(h, temb, train)
@@ -254,14 +262,9 @@ def unet_from_config(model_cfg: Mapping[str, Any], image_size: int, num_channels
   """
   check_model_config(model_cfg, image_size, num_channels)
   return UNet(
-      ch=int(model_cfg["ch"]),
-      ch_mult=tuple(int(m) for m in model_cfg["ch_mult"]),
-      num_res_blocks=int(model_cfg["num_res_blocks"]),
-      attn_resolutions=tuple(int(r) for r in model_cfg["attn_resolutions"]),
-      dropout=float(model_cfg["dropout"]),
+      **config_checks.shared_fields(model_cfg.__getitem__),
       resamp_with_conv=model_cfg["resamp_with_conv"],
       in_channels=num_channels,
       out_channels=num_channels,
       image_size=image_size,
-      dtype=jnp.dtype(model_cfg["dtype"]),
   )
