@@ -33,7 +33,7 @@ theirs: > 1 means ours is faster.
   and S = 1000, one forward, and the whole `generate` program sampling uses at `--steps` (which
   also draws the noise: threefry costs compile time of its own), each from cleared caches
   (`jax.clear_caches()`, persistent cache off); `compile_ratio_sampler_over_forward`. All are
-  compiled with `compiler_options.SAMPLING`, as sampling is.
+  compiled with `compiler_options.PROGRAMS`, as sampling is.
 - memory: the compiled samplers' `memory_analysis()` (temp + argument + output bytes) at S = 10
   and S = 1000 (flat in S: the steps are a scan; `memory_ratio_s1000_over_s10`), and the devices'
   `peak_bytes_in_use` after the sampler measurements where the backend reports it (GPU). What
@@ -322,7 +322,7 @@ class Bench:
     """(the forward timings, the parity of the two forwards, our compile seconds) on the batch."""
     fn = jax.jit(lambda p, x, t: models.eps_fn(self.model, p)(x, t),
                  in_shardings=(self.replicated, self.sharded, self.sharded),
-                 out_shardings=self.sharded, compiler_options=compiler_options.SAMPLING)
+                 out_shardings=self.sharded, compiler_options=compiler_options.PROGRAMS)
     x = jax.device_put(self.x, self.sharded)
     t = jax.device_put(self.t.astype(np.float32), self.sharded)
     compiled, compile_seconds = compile_timed(fn, self.params, x, t, repeats=self.repeats)
@@ -416,7 +416,7 @@ class Bench:
     method, d = spec.method, spec.discretization
     fn = jax.jit(lambda p, x: samplers.run_sampler(models.eps_fn(self.model, p), x, method, d)[0],
                  in_shardings=(self.replicated, self.sharded), out_shardings=self.sharded,
-                 compiler_options=compiler_options.SAMPLING)
+                 compiler_options=compiler_options.PROGRAMS)
     return compile_timed(fn, self.params, jax.device_put(self.x, self.sharded),
                          repeats=self.repeats)
 

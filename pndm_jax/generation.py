@@ -113,7 +113,7 @@ def make_generate_fn(model: EpsModel, spec: sampler_spec.SamplerSpec, mesh: Mesh
     return x0, jnp.asarray(nfe)
 
   return jax.jit(generate, in_shardings=(replicated, batch), out_shardings=(batch, replicated),
-                 compiler_options=compiler_options.SAMPLING)
+                 compiler_options=compiler_options.PROGRAMS)
 
 
 def dispatch_images(generate: Callable, params: Any, indices: np.ndarray, mesh: Mesh,

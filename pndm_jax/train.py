@@ -38,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from pndm_jax import (
   checkpoints,
   choices,
+  compiler_options,
   distributed,
   generation,
   image_grid,
@@ -239,7 +240,8 @@ def make_train_fn(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
   if loop == "host":
     step_i = jax.jit(lambda state, batches, i: step(state, batches[i]),
                      in_shardings=(replicated, batches_sharding, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=0)
+                     out_shardings=(replicated, replicated), donate_argnums=0,
+                     compiler_options=compiler_options.PROGRAMS)
 
     def host_loop(state, batches):
       batches, metrics = jax.device_put(batches, batches_sharding), []  # moved once, not per step
@@ -257,7 +259,8 @@ def make_train_fn(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
     return state, jax.tree.map(lambda m: m[None], metrics)
 
   return jax.jit(scan, in_shardings=(replicated, batches_sharding),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
+                 out_shardings=(replicated, replicated), donate_argnums=0,
+                 compiler_options=compiler_options.PROGRAMS)
 
 
 # ----------------------------------------------------------------------------- the loop
