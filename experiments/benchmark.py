@@ -44,7 +44,10 @@ theirs: > 1 means ours is faster.
   the same step in PyTorch on the `UNet2DModel` (flips, antithetic timesteps,
   x_t = sqrt(a) x0 + sqrt(1 - a) eps, the loss summed over pixels and averaged over the batch,
   Adam with the same lr warm-up / betas / eps, `clip_grad_norm_`, an EMA copy with the same
-  decay), on the same random batch; `speed_ratio_ours_over_torch`.
+  decay), on the same random batch; `speed_ratio_ours_over_torch`. A third side,
+  `ours_xla_defaults`, is our step compiled with XLA's default options instead of
+  `compiler_options.PROGRAMS` (on CPU: with the YNNPACK fusions), timed in the same turns:
+  `speed_ratio_programs_over_xla_defaults` says what those options do for training.
 
 With --dtype=bfloat16 ours computes in bfloat16 (float32 params); the torch network is converted
 to bfloat16 for the forward and sampling (the sampler state stays float32 on both sides) and
@@ -447,17 +450,21 @@ class Bench:
     config, training = self.config, self.config.training
     tx = train.make_optimizer(training)
     key = jax.random.key(config.seed)
-    # from the weights both sides already hold (no second initialisation to compile)
-    state = jax.jit(lambda params: train.initial_state(params, tx),
-                    out_shardings=self.replicated)(self.params)
-    fn = train.make_train_fn(self.model, tx, self.schedule, train.step_settings(config),
-                             self.mesh, key)
+    # each side starts from the weights both sides already hold
     batches = jax.device_put(self.images[None], train.steps_batch_sharding(self.mesh))
 
-    def ours():
-      nonlocal state
-      state, metrics = fn(state, batches)  # the state is donated
-      jax.block_until_ready((state, metrics))
+    def ours_with(options: dict[str, Any] | None) -> Callable[[], None]:
+      fn = train.make_train_fn(self.model, tx, self.schedule, train.step_settings(config),
+                               self.mesh, key, options=options)
+      state = jax.jit(lambda params: train.initial_state(params, tx),
+                      out_shardings=self.replicated)(self.params)
+
+      def run():
+        nonlocal state
+        state, metrics = fn(state, batches)  # the state is donated
+        jax.block_until_ready((state, metrics))
+
+      return run
 
     net = self.torch_unet().train()
     params = list(net.parameters())
@@ -495,15 +502,16 @@ class Bench:
 
     # warm-up: ours compiles in its first step; both sides take TRAIN_WARMUP_STEPS steps
     # before the timed ones (ours runs ~30% slower over its first two steps after the compile)
-    first = self.interleaved(dict(ours=ours, torch=theirs), repeats=TRAIN_WARMUP_STEPS)
-    seconds = self.interleaved(dict(ours=ours, torch=theirs))
-    result = dict(ours=timing(seconds["ours"]) | dict(first_step_s=first["ours"][0],
-                                                      warmup_s=first["ours"]),
-                  torch=timing(seconds["torch"]) | dict(first_step_s=first["torch"][0],
-                                                        warmup_s=first["torch"]),
-                  loss=training.loss,
-                  grad_clip=training.grad_clip, dropout=config.model.dropout)
-    result["speed_ratio_ours_over_torch"] = result["torch"]["s"] / result["ours"]["s"]
+    runs = dict(ours=ours_with(None), torch=theirs, ours_xla_defaults=ours_with({}))
+    first = self.interleaved(runs, repeats=TRAIN_WARMUP_STEPS)
+    seconds = self.interleaved(runs)
+    result = {name: timing(seconds[name]) | dict(first_step_s=first[name][0],
+                                                 warmup_s=first[name]) for name in runs}
+    result |= dict(loss=training.loss, grad_clip=training.grad_clip,
+                   dropout=config.model.dropout,
+                   speed_ratio_ours_over_torch=result["torch"]["s"] / result["ours"]["s"],
+                   speed_ratio_programs_over_xla_defaults=(result["ours_xla_defaults"]["s"]
+                                                           / result["ours"]["s"]))
     return result
 
 
@@ -517,7 +525,10 @@ def tables(result: dict[str, Any]) -> str:
   speed = [[f"forward, batch {s['batch']}", "s", fwd["ours"]["s"], fwd["torch"]["s"],
             fwd["speed_ratio_ours_over_torch"]],
            ["training step", "s/step", tr["ours"]["s"], tr["torch"]["s"],
-            tr["speed_ratio_ours_over_torch"]]]
+            tr["speed_ratio_ours_over_torch"]],
+           ["training step compiled with XLA's default options (ours: that step)", "s/step",
+            tr["ours_xla_defaults"]["s"], tr["torch"]["s"],
+            tr["torch"]["s"] / tr["ours_xla_defaults"]["s"]]]
   overhead = [[f"ours: {sampler_label(result['sampler'])}", result["sampler"]["nfe"],
                result["sampler"]["wall_s"], result["sampler"]["images_per_s"],
                result["sampler"]["overhead_wall_over_nfe_x_forward"]]]

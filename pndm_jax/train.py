@@ -210,7 +210,7 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
 
 def make_train_fn(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
                   schedule: schedules.Schedule, settings: StepSettings, mesh: Mesh,
-                  key: jax.Array, loop: str | None = None
+                  key: jax.Array, loop: str | None = None, options: dict[str, Any] | None = None
                   ) -> Callable[[TrainState, jax.Array], tuple[TrainState, dict[str, jax.Array]]]:
   """train_fn(state, batches [k, B, H, W, C]) runs k train steps; returns per-step metrics [k].
 
@@ -219,7 +219,8 @@ def make_train_fn(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
   convolution's weight gradient inside a loop body is many times slower than
   outside one (jax-ml/jax#12868; measured ~8x on this U-Net). None picks
   "host" on CPU, else "scan". Both run the same steps; the input state is
-  donated and the returned one is replicated.
+  donated and the returned one is replicated. `options` are the XLA options the
+  step compiles with (default `compiler_options.PROGRAMS`; `{}` is XLA's defaults).
   """
   platform = mesh.devices.flat[0].platform
   if loop is not None:
@@ -230,6 +231,7 @@ def make_train_fn(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
     loop, reason = "scan", f"one dispatch per call on {platform}"
   choices.check("loop", loop, LOOPS)
   logging.info("train calls run their steps as a %s loop: %s", loop, reason)
+  options = compiler_options.PROGRAMS if options is None else options
   alphas_cumprod = jnp.asarray(schedule.alphas_cumprod, jnp.float32)
   replicated, batches_sharding = sharding.replicated(mesh), steps_batch_sharding(mesh)
 
@@ -241,7 +243,7 @@ def make_train_fn(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
     step_i = jax.jit(lambda state, batches, i: step(state, batches[i]),
                      in_shardings=(replicated, batches_sharding, replicated),
                      out_shardings=(replicated, replicated), donate_argnums=0,
-                     compiler_options=compiler_options.PROGRAMS)
+                     compiler_options=options)
 
     def host_loop(state, batches):
       batches, metrics = jax.device_put(batches, batches_sharding), []  # moved once, not per step
@@ -260,7 +262,7 @@ def make_train_fn(model: nn.Module, tx: optax.GradientTransformationExtraArgs,
 
   return jax.jit(scan, in_shardings=(replicated, batches_sharding),
                  out_shardings=(replicated, replicated), donate_argnums=0,
-                 compiler_options=compiler_options.PROGRAMS)
+                 compiler_options=options)
 
 
 # ----------------------------------------------------------------------------- the loop

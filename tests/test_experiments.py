@@ -121,6 +121,11 @@ def test_benchmark_quick(tmp_path):
     assert positive(pair["ours"]["s"]) and positive(pair["torch"]["s"])
     assert pair["speed_ratio_ours_over_torch"] == pytest.approx(pair["torch"]["s"]
                                                                 / pair["ours"]["s"])
+  train = result["train"]  # the same step compiled with XLA's defaults, timed in the same turns
+  assert positive(train["ours_xla_defaults"]["s"]) and len(train["ours_xla_defaults"][
+      "repeats_s"]) == settings["repeats"]
+  assert train["speed_ratio_programs_over_xla_defaults"] == pytest.approx(
+      train["ours_xla_defaults"]["s"] / train["ours"]["s"])
 
   def check_sampler(side, forward_s):
     assert positive(side["wall_s"]) and side["images_per_s"] == pytest.approx(batch
