@@ -59,6 +59,7 @@ XLA_FLAGS, argv, date) and benchmark.md (the tables, also printed) to --out.
   python -m experiments.benchmark --quick           # a tiny U-Net, < 1 min; what the tests run
   python -m experiments.benchmark --batch=8 --steps=10 --repeats=1   # ~2 min on 2 CPU cores
   python -m experiments.benchmark --dtype=bfloat16 --devices=2
+  python -m experiments.benchmark --train_only --out=experiments/results/benchmark_train
 """
 
 from __future__ import annotations
@@ -133,6 +134,8 @@ flags.DEFINE_integer("devices", 1, "JAX devices the batch is sharded over (on CP
 flags.DEFINE_integer("repeats", 3, "Timed repeats of each measurement (the median is reported).",
                      lower_bound=1)
 flags.DEFINE_string("out", "experiments/results/benchmark", "Output directory.")
+flags.DEFINE_bool("train_only", False, "Only the training step (its three sides): a few minutes "
+                  "where the whole run takes twenty.")
 flags.DEFINE_bool("quick", False, "A tiny U-Net on 8x8 images, batch 2, 5 steps, 1 repeat "
                   "(unless given): for the tests.")
 FLAGS = flags.FLAGS
@@ -520,15 +523,28 @@ def sampler_label(side: dict[str, Any]) -> str:
 
 
 def tables(result: dict[str, Any]) -> str:
-  """The markdown tables of a result."""
-  s, fwd, tr = result["settings"], result["forward"], result["train"]
-  speed = [[f"forward, batch {s['batch']}", "s", fwd["ours"]["s"], fwd["torch"]["s"],
-            fwd["speed_ratio_ours_over_torch"]],
-           ["training step", "s/step", tr["ours"]["s"], tr["torch"]["s"],
+  """The markdown tables of a result (of a --train_only run: the training rows)."""
+  s, tr, env = result["settings"], result["train"], result["environment"]
+  speed = [["training step", "s/step", tr["ours"]["s"], tr["torch"]["s"],
             tr["speed_ratio_ours_over_torch"]],
            ["training step compiled with XLA's default options (ours: that step)", "s/step",
             tr["ours_xla_defaults"]["s"], tr["torch"]["s"],
             tr["torch"]["s"] / tr["ours_xla_defaults"]["s"]]]
+  header = (
+      f"{env['cpu_model']}; {env['num_devices']} x {', '.join(env['device_kinds'])} "
+      f"({env['jax_backend']}), XLA:CPU threads {env['xla_cpu_threads']}, torch threads "
+      f"{env['torch_num_threads']} on {env['torch_device']}; load average "
+      f"{env['loadavg_before'][0]:.2f} before, {env['loadavg_after'][0]:.2f} after. "
+      f"{s['num_params'] / 1e6:.1f}M-parameter U-Net on {s['image_size']}x{s['image_size']}, "
+      f"{s['dtype']}, batch {s['batch']}, median of {s['repeats']} repeat(s).")
+  speed_table = lambda rows: report.markdown_table(
+      ["measurement", "unit", "ours", "PyTorch / diffusers",
+       "speed ratio ours / theirs (> 1: ours faster)"], rows)
+  if "forward" not in result:
+    return header + "\n\n" + speed_table(speed)
+  fwd = result["forward"]
+  speed.insert(0, [f"forward, batch {s['batch']}", "s", fwd["ours"]["s"], fwd["torch"]["s"],
+                   fwd["speed_ratio_ours_over_torch"]])
   overhead = [[f"ours: {sampler_label(result['sampler'])}", result["sampler"]["nfe"],
                result["sampler"]["wall_s"], result["sampler"]["images_per_s"],
                result["sampler"]["overhead_wall_over_nfe_x_forward"]]]
@@ -558,19 +574,11 @@ def tables(result: dict[str, Any]) -> str:
   compile_rows += [[f"{what}: {sampler_label(c[name])}", c[name]["nfe"], c[name]["total_s"],
                     c[name]["compile_ratio_sampler_over_forward"], mib(m[name])]
                    for what, name in [*programs, ("generate (noise + sampler)", "generate")]]
-  env = result["environment"]
   peak = m["peak_bytes_in_use_after_sampling"]
   return (
-      f"{env['cpu_model']}; {env['num_devices']} x {', '.join(env['device_kinds'])} "
-      f"({env['jax_backend']}), XLA:CPU threads {env['xla_cpu_threads']}, torch threads "
-      f"{env['torch_num_threads']} on {env['torch_device']}; load average "
-      f"{env['loadavg_before'][0]:.2f} before, {env['loadavg_after'][0]:.2f} after. "
-      f"{s['num_params'] / 1e6:.1f}M-parameter U-Net on {s['image_size']}x{s['image_size']}, "
-      f"{s['dtype']}, batch {s['batch']}, median of {s['repeats']} repeat(s). Forward parity: max "
-      f"abs eps difference {result['parity']['forward_max_abs_diff']:.2e} (tolerance "
-      f"{result['parity']['tolerance']:g}).\n\n"
-      + report.markdown_table(["measurement", "unit", "ours", "PyTorch / diffusers",
-                               "speed ratio ours / theirs (> 1: ours faster)"], speed)
+      f"{header} Forward parity: max abs eps difference "
+      f"{result['parity']['forward_max_abs_diff']:.2e} (tolerance "
+      f"{result['parity']['tolerance']:g}).\n\n" + speed_table(speed)
       + "\n\nSamplers: overhead = wall / (NFE x that side's forward).\n\n"
       + report.markdown_table(["sampler", "NFE", "wall (s)", "images/s", "overhead"], overhead)
       + "\n\nCompile (lower + compile, from cleared caches) and XLA's planned memory "
@@ -602,27 +610,28 @@ def main(argv):
   bench = Bench(config, batch, repeats, mesh)
   result: dict[str, Any] = dict(settings=dict(
       batch=batch, steps=steps, method=samplers.canonical_name(FLAGS.method), dtype=FLAGS.dtype,
-      devices=FLAGS.devices, repeats=repeats, quick=FLAGS.quick, num_params=bench.num_params,
-      image_size=config.data.image_size, model=config.model.to_dict(),
+      devices=FLAGS.devices, repeats=repeats, quick=FLAGS.quick, train_only=FLAGS.train_only,
+      num_params=bench.num_params, image_size=config.data.image_size, model=config.model.to_dict(),
       diffusion=config.diffusion.to_dict()))
   start = time.perf_counter()
   done = lambda what: print(f"{what} ({time.perf_counter() - start:.0f} s)", flush=True)
-  result["forward"], result["parity"], forward_compile = bench.forward()
-  done(f"forward; parity: max abs eps difference "
-       f"{result['parity']['forward_max_abs_diff']:.2e}")
-  if result["parity"]["forward_max_abs_diff"] > result["parity"]["tolerance"]:
-    print("WARNING: the two networks disagree beyond the tolerance", flush=True)
-  result["compile"], result["memory"] = bench.compile_and_memory(FLAGS.method,
-                                                                forward_compile, steps)
-  done("compile and memory")
-  result["sampler"] = bench.our_sampler(steps, FLAGS.method, result["forward"]["ours"]["s"])
-  done("sampler")
-  result["diffusers"] = {}
-  for mode, skip_prk_steps in MODES.items():
-    result["diffusers"][mode] = bench.diffusers_mode(skip_prk_steps, steps, FLAGS.method,
-                                                     result["forward"])
-    done(f"diffusers {mode}")
-  result["memory"]["peak_bytes_in_use_after_sampling"] = peak_bytes(mesh.devices.flat)
+  if not FLAGS.train_only:
+    result["forward"], result["parity"], forward_compile = bench.forward()
+    done(f"forward; parity: max abs eps difference "
+         f"{result['parity']['forward_max_abs_diff']:.2e}")
+    if result["parity"]["forward_max_abs_diff"] > result["parity"]["tolerance"]:
+      print("WARNING: the two networks disagree beyond the tolerance", flush=True)
+    result["compile"], result["memory"] = bench.compile_and_memory(FLAGS.method,
+                                                                  forward_compile, steps)
+    done("compile and memory")
+    result["sampler"] = bench.our_sampler(steps, FLAGS.method, result["forward"]["ours"]["s"])
+    done("sampler")
+    result["diffusers"] = {}
+    for mode, skip_prk_steps in MODES.items():
+      result["diffusers"][mode] = bench.diffusers_mode(skip_prk_steps, steps, FLAGS.method,
+                                                       result["forward"])
+      done(f"diffusers {mode}")
+    result["memory"]["peak_bytes_in_use_after_sampling"] = peak_bytes(mesh.devices.flat)
   result["train"] = bench.train_step()
   done("training step")
   result["environment"] = environment(mesh, threads, bench.device) | dict(

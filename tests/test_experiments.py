@@ -108,6 +108,18 @@ def test_quality_vs_steps_quick(tmp_path):
   assert len(records) == 4 and all(json.load(open(r))["num_images"] == [100] * 3 for r in records)
 
 
+def test_benchmark_train_only(tmp_path):
+  run_experiment("benchmark", tmp_path, "--train_only")
+  result = json.load(open(tmp_path / "benchmark.json"))
+  assert result["settings"]["train_only"] and set(result) == {"settings", "train", "environment"}
+  train = result["train"]
+  assert {"ours", "torch", "ours_xla_defaults"} <= set(train)
+  assert train["speed_ratio_ours_over_torch"] == pytest.approx(train["torch"]["s"]
+                                                              / train["ours"]["s"])
+  table = open(tmp_path / "benchmark.md").read()
+  assert "training step compiled with XLA's default options" in table and "forward" not in table
+
+
 def test_benchmark_quick(tmp_path):
   run_experiment("benchmark", tmp_path)
   result = json.load(open(tmp_path / "benchmark.json"))
