@@ -80,13 +80,23 @@ def relative_difference(a, b):
   return np.max(np.abs(a - b)) / np.max(np.abs(b))
 
 
+# (skip_prk_steps, set_alpha_to_one): the scheduler's modes and its final alpha-bar
+MODE_OPTIONS = list(itertools.product([True, False], [False, True]))
+# On DDPM's schedule every grid (10, 30 (not a divisor of N) and 50 steps, each steps_offset and
+# spacing) with the mode options in turn: so every grid, and every pair of any two options,
+# is compared. Stable Diffusion's schedule differs only in its table: each mode option at 50.
+PNDM_CASES = [
+    (*MODE_OPTIONS[i % 4][:1], num_steps, "linear", steps_offset, MODE_OPTIONS[i % 4][1], spacing)
+    for i, (num_steps, steps_offset, spacing) in enumerate(itertools.product(
+        [10, 30, 50], [0, 1], ["leading", "trailing", "linspace"]))] + [
+    (skip_prk_steps, 50, "scaled_linear", i % 2, set_alpha_to_one,
+     ["leading", "trailing", "linspace", "leading"][i])
+    for i, (skip_prk_steps, set_alpha_to_one) in enumerate(MODE_OPTIONS)]
+
+
 @pytest.mark.parametrize(
     "skip_prk_steps, num_steps, schedule_name, steps_offset, set_alpha_to_one, spacing",
-    # every grid option at 10, 30 (not a divisor of N) and 50 steps on DDPM's schedule; Stable
-    # Diffusion's differs only in its table, so at 50 steps
-    [case for case in itertools.product([True, False], [10, 30, 50], list(SCHEDULES), [0, 1],
-                                        [False, True], ["leading", "trailing", "linspace"])
-     if case[2] == "linear" or case[1] == 50])
+    PNDM_CASES)
 def test_trajectory_matches_pndm_scheduler(x64, skip_prk_steps, num_steps, schedule_name,
                                            steps_offset, set_alpha_to_one, spacing):
   table = float64_alphas_cumprod(schedule_name)
@@ -169,17 +179,29 @@ BASELINES = {  # project method -> (diffusers scheduler, its options)
                                        solver_type="logrho"))
        for k in (1, 2, 3)},
 }
+
+
+def endings(name):
+  """The (final sigma, lower_order_final) pairs diffusers can run `name` with."""
+  return [(final, lower_order_final)
+          for final in ("zero", "sigma_min") for lower_order_final in (True, False)
+          if not (BASELINES[name][0] is diffusers.DEISMultistepScheduler and final == "zero")
+          # into sigma = 0, diffusers' UniPC divides by an infinite step without
+          # lower_order_final and multiplies B(h) = -inf by 0 with bh1 (NaN either way)
+          and not (BASELINES[name][1].get("solver_type") in ("bh1", "bh2") and final == "zero"
+                   and (not lower_order_final or BASELINES[name][1]["solver_type"] == "bh1"))]
+
+
+# Per method: each ending at 10 steps, where diffusers' lower_order_final acts (fewer than 15
+# steps), on the two schedules in turn; then 20 and 50 steps, one schedule and ending each, so
+# that every method meets every step count and schedule; and thresholding at 20 steps.
 BASELINE_CASES = [
-    (name, num_steps, schedule_name, final, lower_order_final, thresholding)
-    for name in BASELINES for num_steps in (10, 20, 50) for schedule_name in SCHEDULES
-    for final in ("zero", "sigma_min") for lower_order_final in (True, False)
-    for thresholding in (False, True)
-    if not (BASELINES[name][0] is diffusers.DEISMultistepScheduler and final == "zero")
-    and not (thresholding and (num_steps != 20 or schedule_name != "linear"))
-    # into sigma = 0, diffusers' UniPC divides by an infinite step without lower_order_final and
-    # multiplies B(h) = -inf by 0 with bh1 (NaN either way)
-    and not (BASELINES[name][1].get("solver_type") in ("bh1", "bh2") and final == "zero"
-             and (lower_order_final is False or BASELINES[name][1]["solver_type"] == "bh1"))]
+    case for name in BASELINES for case in (
+        [(name, 10, list(SCHEDULES)[i % 2], *ending, False)
+         for i, ending in enumerate(endings(name))]
+        + [(name, num_steps, list(SCHEDULES)[i % 2], *endings(name)[-1 - i], False)
+           for i, num_steps in enumerate((20, 50))]
+        + [(name, 20, "linear", *endings(name)[0], True)])]
 THRESHOLDED_SCALE = 2.5  # data beyond [-1, 1], so that thresholding clips
 
 

@@ -1,5 +1,7 @@
-"""Importing a part pulls in only what it needs: samplers no training or data stack, and the
-sampling path (generation, eps_models, checkpoints) not the training module."""
+"""Importing a part pulls in only what it needs: samplers no training or data stack, the
+sampling path (generation, eps_models, checkpoints) not the training module, and main.py's
+modes (pndm_jax.cli) neither the training and evaluation stacks nor the ODE solver library
+until a mode asks for them."""
 
 import json
 import os
@@ -28,3 +30,7 @@ def test_samplers_import_without_the_training_stack():
 def test_the_sampling_path_does_not_import_training():
   for module in ("pndm_jax.generation", "pndm_jax.eps_models", "pndm_jax.checkpoints"):
     assert imported(module, ("pndm_jax.train",)) == [], module
+
+
+def test_the_command_line_loads_each_stack_when_a_mode_needs_it():
+  assert imported("pndm_jax.cli", ("pndm_jax.train", "pndm_jax.evaluation", "diffrax")) == []
