@@ -86,9 +86,10 @@ MODE_OPTIONS = list(itertools.product([True, False], [False, True]))
 # spacing) with the mode options in turn: so every grid, and every pair of any two options,
 # is compared. Stable Diffusion's schedule differs only in its table: each mode option at 50.
 PNDM_CASES = [
-    (*MODE_OPTIONS[i % 4][:1], num_steps, "linear", steps_offset, MODE_OPTIONS[i % 4][1], spacing)
+    (skip_prk_steps, num_steps, "linear", steps_offset, set_alpha_to_one, spacing)
     for i, (num_steps, steps_offset, spacing) in enumerate(itertools.product(
-        [10, 30, 50], [0, 1], ["leading", "trailing", "linspace"]))] + [
+        [10, 30, 50], [0, 1], ["leading", "trailing", "linspace"]))
+    for skip_prk_steps, set_alpha_to_one in [MODE_OPTIONS[i % 4]]] + [
     (skip_prk_steps, 50, "scaled_linear", i % 2, set_alpha_to_one,
      ["leading", "trailing", "linspace", "leading"][i])
     for i, (skip_prk_steps, set_alpha_to_one) in enumerate(MODE_OPTIONS)]
