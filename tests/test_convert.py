@@ -82,6 +82,36 @@ def test_forward_parity_with_diffusers(saved, name):
   np.testing.assert_allclose(np.asarray(got), want, rtol=0, atol=1e-4)
 
 
+def test_gradient_parity_with_diffusers(saved):
+  """The gradients of every parameter and of x agree with PyTorch autograd through diffusers'
+  UNet2DModel: the networks' layers compute their own (pndm_jax/models/layers.py)."""
+  torch_model, folder = saved["cifar10"]
+  model, params = convert.read_pytorch(folder)
+  rng = np.random.default_rng(1)
+  x = rng.standard_normal((2, 3, 16, 16)).astype(np.float32)
+  cotangent = rng.standard_normal(x.shape).astype(np.float32)
+  t = np.array([3.0, 700.0], np.float32)
+  x_torch = torch.from_numpy(x).requires_grad_()
+  torch_model.zero_grad()
+  (torch_model(x_torch, torch.from_numpy(t)).sample * torch.from_numpy(cotangent)).sum().backward()
+  want = {k: p.grad.numpy() for k, p in torch_model.named_parameters()}
+
+  def loss(params, x):
+    return jnp.sum(eps_fn(model, params, data_format="NCHW")(x, t) * cotangent)
+
+  grads, dx = jax.jit(jax.grad(loss, argnums=(0, 1)))(params, x)
+  got = convert.to_state_dict(grads, model, "diffusers")
+  assert sorted(got) == sorted(want)
+  # Some gradients are zero in exact arithmetic (a key's bias under the softmax; the biases
+  # before a GroupNorm of one channel per group) and rounding noise on both sides: the floor.
+  floor = 1e-6 * max(np.abs(w).max() for w in want.values())
+  for key, g in got.items():
+    np.testing.assert_allclose(g, want[key], rtol=0, atol=1e-4 * np.abs(want[key]).max() + floor,
+                               err_msg=key)
+  np.testing.assert_allclose(dx, x_torch.grad.numpy(), rtol=0,
+                             atol=1e-4 * np.abs(x_torch.grad.numpy()).max())
+
+
 def test_bin_and_safetensors_give_identical_params(saved):
   m1, p1 = convert.read_pytorch(saved["cifar10"][1])
   m2, p2 = convert.read_pytorch(saved["cifar10_bin"][1])

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pndm_jax.models import config_checks
+from pndm_jax.models import config_checks, layers
 from pndm_jax.models.unet import Dropout, UpsampledConv, check_input_channels, time_mlp
 
 # GroupNorm32: 32 groups, PyTorch's default eps, statistics in float32.
@@ -50,29 +50,9 @@ def timestep_embedding(t: jax.Array, dim: int) -> jax.Array:
   return jnp.pad(emb, ((0, 0), (0, dim % 2)))
 
 
-class GroupNorm32(nn.Module):
-  """GroupNorm (32 groups, eps 1e-5, two-pass variance) computed in float32, cast back to x's
-  dtype; parameters `scale`/`bias` (PyTorch `weight`/`bias`)."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    c = x.shape[-1]
-    scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)
-    bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
-    h = x.astype(jnp.float32)
-    shape = h.shape
-    g = h.reshape(shape[0], -1, _NORM_GROUPS, c // _NORM_GROUPS)
-    mean = g.mean(axis=(1, 3), keepdims=True)
-    var = jnp.square(g - mean).mean(axis=(1, 3), keepdims=True)  # two-pass, as PyTorch
-    g = (g - mean) * jax.lax.rsqrt(var + _NORM_EPS)
-    return (g.reshape(shape) * scale + bias).astype(x.dtype)
-
-
-def _conv(features: int, kernel: int, dtype: Any, name: str, strides: int = 1) -> nn.Conv:
-  """A square conv with PyTorch's symmetric padding kernel // 2 (also for stride 2)."""
-  p = kernel // 2
-  return nn.Conv(features, (kernel, kernel), strides=strides, padding=((p, p), (p, p)),
-                 dtype=dtype, name=name)
+def _norm(name: str) -> layers.GroupNorm:
+  """GroupNorm32: computed in float32, the output in the input's dtype."""
+  return layers.GroupNorm(_NORM_GROUPS, _NORM_EPS, name=name)
 
 
 def _nearest_up(x: jax.Array) -> jax.Array:
@@ -99,22 +79,22 @@ class ResBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
     dt = self.dtype
-    h = nn.silu(GroupNorm32(name="in_layers_0")(x))
+    h = nn.silu(_norm("in_layers_0")(x))
     if self.updown:
       resample = _nearest_up if self.updown == "up" else _avg_down
       h, x = resample(h), resample(x)
-    h = _conv(self.out_ch, 3, dt, "in_layers_2")(h)
+    h = layers.Conv(self.out_ch, 3, dtype=dt, name="in_layers_2")(h)
     width = 2 * self.out_ch if self.use_scale_shift_norm else self.out_ch
-    e = nn.Dense(width, dtype=dt, name="emb_layers_1")(nn.silu(emb))[:, None, None, :]
+    e = nn.Dense(width, dtype=dt, name="emb_layers_1")(nn.silu(emb))
     if self.use_scale_shift_norm:
-      scale, shift = jnp.split(e, 2, axis=-1)
-      h = GroupNorm32(name="out_layers_0")(h) * (1 + scale) + shift
+      scale, shift = jnp.split(e[:, None, None, :], 2, axis=-1)
+      h = _norm("out_layers_0")(h) * (1 + scale) + shift
     else:
-      h = GroupNorm32(name="out_layers_0")(h + e)
+      h = _norm("out_layers_0")(layers.add_per_example(h, e))
     h = Dropout(self.dropout, name="out_layers_2")(nn.silu(h), deterministic=not train)
-    h = _conv(self.out_ch, 3, dt, "out_layers_3")(h)
+    h = layers.Conv(self.out_ch, 3, dtype=dt, name="out_layers_3")(h)
     if x.shape[-1] != self.out_ch:
-      x = _conv(self.out_ch, 1, dt, "skip_connection")(x)
+      x = layers.Conv(self.out_ch, 1, dtype=dt, name="skip_connection")(x)
     return x + h
 
 
@@ -133,15 +113,15 @@ class AttentionBlock(nn.Module):
     if c % self.num_heads:
       raise ValueError(f"{c} attention channels do not split into {self.num_heads} heads")
     d = c // self.num_heads
-    h = GroupNorm32(name="norm")(x).reshape(b, hgt * wid, c)
-    qkv = nn.Dense(3 * c, dtype=self.dtype, name="qkv")(h)
+    h = _norm("norm")(x).reshape(b, hgt * wid, c)
+    qkv = layers.Dense(3 * c, self.dtype, name="qkv")(h)
     qkv = qkv.reshape(b, hgt * wid, self.num_heads, 3, d)
     scale = 1.0 / math.sqrt(math.sqrt(d))
     q, k, v = qkv[:, :, :, 0] * scale, qkv[:, :, :, 1] * scale, qkv[:, :, :, 2]
     logits = jnp.einsum("bthd,bshd->bhts", q, k)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     a = jnp.einsum("bhts,bshd->bthd", weights, v).reshape(b, hgt * wid, c)
-    out = nn.Dense(c, dtype=self.dtype, name="proj_out")(a)
+    out = layers.Dense(c, self.dtype, name="proj_out")(a)
     return x + out.reshape(b, hgt, wid, c)
 
 
@@ -153,7 +133,7 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.with_conv:
-      return _conv(x.shape[-1], 3, self.dtype, "op", strides=2)(x)
+      return layers.Conv(x.shape[-1], 3, strides=2, dtype=self.dtype, name="op")(x)
     return _avg_down(x)
 
 
@@ -227,7 +207,8 @@ class IDDPMUNet(nn.Module):
     def attn(h: jax.Array, name: str, upsample: bool = False) -> jax.Array:
       return AttentionBlock(self.heads(h.shape[-1], upsample), dt, name=name)(h)
 
-    hs = [_conv(self.ch * self.ch_mult[0], 3, dt, "input_blocks_0_0")(x.astype(dt))]
+    hs = [layers.Conv(self.ch * self.ch_mult[0], 3, dtype=dt,
+                      name="input_blocks_0_0")(x.astype(dt))]
     size, k = self.image_size, 1
     for level, mult in enumerate(self.ch_mult):
       for _ in range(self.num_res_blocks):
@@ -267,8 +248,8 @@ class IDDPMUNet(nn.Module):
           size *= 2
         k += 1
 
-    h = nn.silu(GroupNorm32(name="out_0")(h))
-    return _conv(self.out_channels, 3, dt, "out_2")(h)
+    h = nn.silu(_norm("out_0")(h))
+    return layers.Conv(self.out_channels, 3, dtype=dt, name="out_2")(h)
 
 
 def _field(model_cfg: Mapping[str, Any], name: str) -> Any:

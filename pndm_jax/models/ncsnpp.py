@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pndm_jax.models import config_checks
+from pndm_jax.models import config_checks, layers
 from pndm_jax.models.unet import Dropout
 
 _EPS = 1e-6
@@ -38,16 +38,13 @@ def _groups(channels: int) -> int:
   return min(channels // 4, 32)
 
 
-def _group_norm(channels: int, dtype: Any, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=_groups(channels), epsilon=_EPS, use_fast_variance=False,
-                      dtype=dtype, name=name)
+def _group_norm(channels: int, dtype: Any, name: str) -> layers.GroupNorm:
+  return layers.GroupNorm(_groups(channels), _EPS, dtype, name=name)
 
 
 def _conv(features: int, kernel: int, dtype: Any, name: str, strides: int = 1,
-          padding: Any = None) -> nn.Conv:
-  padding = kernel // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), strides=strides, padding=padding, dtype=dtype,
-                 name=name)
+          padding: Any = None) -> layers.Conv:
+  return layers.Conv(features, kernel, strides, padding, dtype, name=name)
 
 
 def positional_embedding(labels: jax.Array, dim: int) -> jax.Array:
@@ -164,7 +161,7 @@ def _conv_time_conv(h: jax.Array, temb: jax.Array | None, out_ch: int, dropout: 
   Dropout_0, Conv_1 (call it in a block's compact method: the layers are the block's)."""
   h = _conv(out_ch, 3, dtype, "Conv_0")(h)
   if temb is not None:
-    h = h + nn.Dense(out_ch, dtype=dtype, name="Dense_0")(nn.swish(temb))[:, None, None]
+    h = layers.add_per_example(h, nn.Dense(out_ch, dtype=dtype, name="Dense_0")(nn.swish(temb)))
   h = nn.swish(_group_norm(out_ch, dtype, "GroupNorm_1")(h))
   h = Dropout(dropout, name="Dropout_0")(h, deterministic=not train)
   return _conv(out_ch, 3, dtype, "Conv_1")(h)

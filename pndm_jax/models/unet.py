@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pndm_jax.models import config_checks
+from pndm_jax.models import config_checks, layers
 from pndm_jax.models.prediction import check_prediction_type
 
 # GroupNorm as in DDIM/diffusers: 32 groups, eps 1e-6. Two-pass variance for float32 parity.
@@ -52,17 +52,8 @@ def time_mlp(embedding: jax.Array, ch: int, dtype: Any, names: tuple[str, str]) 
   return nn.Dense(4 * ch, dtype=dtype, name=names[1])(nn.silu(emb))
 
 
-def _norm(dtype: Any, name: str) -> nn.GroupNorm:
-  return nn.GroupNorm(num_groups=_NORM_GROUPS, epsilon=_NORM_EPS, use_fast_variance=False,
-                      dtype=dtype, name=name)
-
-
-def _conv(features: int, kernel: int, dtype: Any, name: str, strides: int = 1,
-          padding: Any = None) -> nn.Conv:
-  """A square conv; 'same' padding (kernel // 2 each side) unless given."""
-  padding = kernel // 2 if padding is None else padding
-  return nn.Conv(features, (kernel, kernel), strides=strides, padding=padding, dtype=dtype,
-                 name=name)
+def _norm(dtype: Any, name: str) -> layers.GroupNorm:
+  return layers.GroupNorm(_NORM_GROUPS, _NORM_EPS, dtype, name=name)
 
 
 class Dropout(nn.Module):
@@ -91,14 +82,15 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
-    h = _conv(self.out_ch, 3, self.dtype, "conv1")(nn.swish(_norm(self.dtype, "norm1")(x)))
+    h = nn.swish(_norm(self.dtype, "norm1")(x))
+    h = layers.Conv(self.out_ch, 3, dtype=self.dtype, name="conv1")(h)
     temb = nn.Dense(self.out_ch, dtype=self.dtype, name="temb_proj")(nn.swish(temb))
-    h = h + temb[:, None, None, :]
+    h = layers.add_per_example(h, temb)
     h = nn.swish(_norm(self.dtype, "norm2")(h))
     h = Dropout(self.dropout)(h, deterministic=not train)
-    h = _conv(self.out_ch, 3, self.dtype, "conv2")(h)
+    h = layers.Conv(self.out_ch, 3, dtype=self.dtype, name="conv2")(h)
     if x.shape[-1] != self.out_ch:
-      x = _conv(self.out_ch, 1, self.dtype, "nin_shortcut")(x)
+      x = layers.Conv(self.out_ch, 1, dtype=self.dtype, name="nin_shortcut")(x)
     return x + h
 
 
@@ -110,12 +102,12 @@ class AttnBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     b, hgt, wid, c = x.shape
     h = _norm(self.dtype, "norm")(x)
-    q, k, v = (nn.Dense(c, dtype=self.dtype, name=n)(h).reshape(b, hgt * wid, c)
+    q, k, v = (layers.Dense(c, self.dtype, name=n)(h).reshape(b, hgt * wid, c)
                for n in ("q", "k", "v"))
     logits = jnp.einsum("bic,bjc->bij", q, k) * (c ** -0.5)
     weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
     h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, hgt, wid, c)
-    return x + nn.Dense(c, dtype=self.dtype, name="proj_out")(h)
+    return x + layers.Dense(c, self.dtype, name="proj_out")(h)
 
 
 class Downsample(nn.Module):
@@ -126,7 +118,8 @@ class Downsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     if self.with_conv:
-      return _conv(x.shape[-1], 3, self.dtype, "conv", strides=2, padding=((0, 1), (0, 1)))(x)
+      return layers.Conv(x.shape[-1], 3, strides=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
+                         name="conv")(x)
     return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -159,7 +152,7 @@ class UpsampledConv(nn.Module):
                for b in range(2)] for a in range(2)]
     y = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)  # [B, H, 2, W, 2, out]
     b, h, _, w, _, c = y.shape
-    return y.reshape(b, 2 * h, 2 * w, c) + bias
+    return layers.add_channel_bias(y.reshape(b, 2 * h, 2 * w, c), bias)
 
 
 class Upsample(nn.Module):
@@ -203,7 +196,7 @@ class UNet(nn.Module):
     def block(h: jax.Array, out_ch: int, name: str) -> jax.Array:
       return ResnetBlock(out_ch, self.dropout, dt, name=name)(h, temb, train)
 
-    hs = [_conv(self.ch, 3, dt, "conv_in")(x.astype(dt))]
+    hs = [layers.Conv(self.ch, 3, dtype=dt, name="conv_in")(x.astype(dt))]
     res = self.image_size
     for i, mult in enumerate(self.ch_mult):
       for j in range(self.num_res_blocks):
@@ -231,7 +224,7 @@ class UNet(nn.Module):
         res *= 2
 
     h = nn.swish(_norm(dt, "norm_out")(h))
-    return _conv(self.out_channels, 3, dt, "conv_out")(h)
+    return layers.Conv(self.out_channels, 3, dtype=dt, name="conv_out")(h)
 
 
 def check_model_config(model_config: Mapping[str, Any], image_size: int, num_channels: int,
