@@ -42,11 +42,6 @@ def _group_norm(channels: int, dtype: Any, name: str) -> layers.GroupNorm:
   return layers.GroupNorm(_groups(channels), _EPS, dtype, name=name)
 
 
-def _conv(features: int, kernel: int, dtype: Any, name: str, strides: int = 1,
-          padding: Any = None) -> layers.Conv:
-  return layers.Conv(features, kernel, strides, padding, dtype, name=name)
-
-
 def positional_embedding(labels: jax.Array, dim: int) -> jax.Array:
   """score_sde's `get_timestep_embedding` [B] -> [B, dim]: [sin, cos], w_k = e^(-ln(1e4) k/(h-1)).
 
@@ -159,12 +154,12 @@ def _conv_time_conv(h: jax.Array, temb: jax.Array | None, out_ch: int, dropout: 
                     dtype: Any, train: bool) -> jax.Array:
   """The middle both residual blocks share: Conv_0, + Dense_0(temb), GroupNorm_1, SiLU,
   Dropout_0, Conv_1 (call it in a block's compact method: the layers are the block's)."""
-  h = _conv(out_ch, 3, dtype, "Conv_0")(h)
+  h = layers.Conv(out_ch, 3, dtype=dtype, name="Conv_0")(h)
   if temb is not None:
     h = layers.add_per_example(h, nn.Dense(out_ch, dtype=dtype, name="Dense_0")(nn.swish(temb)))
   h = nn.swish(_group_norm(out_ch, dtype, "GroupNorm_1")(h))
   h = Dropout(dropout, name="Dropout_0")(h, deterministic=not train)
-  return _conv(out_ch, 3, dtype, "Conv_1")(h)
+  return layers.Conv(out_ch, 3, dtype=dtype, name="Conv_1")(h)
 
 
 class ResnetBlockDDPMpp(nn.Module):
@@ -209,7 +204,7 @@ class ResnetBlockBigGANpp(nn.Module):
       h, x = resample(h), resample(x)
     h = _conv_time_conv(h, temb, self.out_ch, self.dropout, self.dtype, train)
     if in_ch != self.out_ch or self.up or self.down:
-      x = _conv(self.out_ch, 1, self.dtype, "Conv_2")(x)
+      x = layers.Conv(self.out_ch, 1, dtype=self.dtype, name="Conv_2")(x)
     return (x + h) / np.sqrt(2.0) if self.skip_rescale else x + h
 
 
@@ -222,7 +217,7 @@ class Upsample(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     h = naive_upsample(x)
-    return _conv(self.out_ch, 3, self.dtype, "Conv_0")(h) if self.with_conv else h
+    return layers.Conv(self.out_ch, 3, dtype=self.dtype, name="Conv_0")(h) if self.with_conv else h
 
 
 class Downsample(nn.Module):
@@ -240,10 +235,12 @@ class Downsample(nn.Module):
         k = _fir_kernel(self.fir_kernel, 1.0)
         p = (k.shape[0] - 2) + 2
         h = _upfirdn(x, k, 1, 1, ((p + 1) // 2, p // 2))
-        return _conv(self.out_ch, 3, self.dtype, "Conv2d_0", strides=2, padding=0)(h)
+        return layers.Conv(self.out_ch, 3, strides=2, padding=0, dtype=self.dtype,
+                           name="Conv2d_0")(h)
       return fir_downsample(x, self.fir_kernel)
     if self.with_conv:
-      return _conv(self.out_ch, 3, self.dtype, "Conv_0", strides=2, padding=((0, 1), (0, 1)))(x)
+      return layers.Conv(self.out_ch, 3, strides=2, padding=((0, 1), (0, 1)), dtype=self.dtype,
+                         name="Conv_0")(x)
     return naive_downsample(x)
 
 
@@ -255,7 +252,7 @@ class Combine(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, y: jax.Array) -> jax.Array:
-    h = _conv(self.out_ch, 1, self.dtype, "Conv")(x)
+    h = layers.Conv(self.out_ch, 1, dtype=self.dtype, name="Conv")(x)
     return jnp.concatenate([h, y], axis=-1) if self.method == "cat" else h + y
 
 
@@ -341,7 +338,7 @@ class NCSNpp(nn.Module):
       x = 2 * x - 1.0
     input_pyramid = x if self.progressive_input != "none" else None
 
-    hs = [_conv(nf, 3, dt, name())(x)]
+    hs = [layers.Conv(nf, 3, dtype=dt, name=name())(x)]
     for i_level in range(levels):
       for _ in range(self.num_res_blocks):
         h = resblock(hs[-1], temb, nf * self.ch_mult[i_level])
@@ -382,13 +379,13 @@ class NCSNpp(nn.Module):
         if i_level == levels - 1:
           pyramid = nn.swish(_group_norm(c, dt, name())(h))
           out = self.in_channels if self.progressive == "output_skip" else c
-          pyramid = _conv(out, 3, dt, name())(pyramid)
+          pyramid = layers.Conv(out, 3, dtype=dt, name=name())(pyramid)
         elif self.progressive == "output_skip":
           name()  # score_sde's parameterless pyramid upsampler still takes an index
           pyramid = fir_upsample(pyramid, tuple(self.fir_kernel)) if self.fir \
               else naive_upsample(pyramid)
           pyramid_h = nn.swish(_group_norm(c, dt, name())(h))
-          pyramid = pyramid + _conv(self.in_channels, 3, dt, name())(pyramid_h)
+          pyramid = pyramid + layers.Conv(self.in_channels, 3, dtype=dt, name=name())(pyramid_h)
         else:  # residual
           pyramid = Upsample(c, True, dt, name=name())(pyramid)
           pyramid = pyramid + h
@@ -405,7 +402,7 @@ class NCSNpp(nn.Module):
       h = pyramid
     else:
       h = nn.swish(_group_norm(h.shape[-1], dt, name())(h))
-      h = _conv(self.in_channels, 3, dt, name())(h)
+      h = layers.Conv(self.in_channels, 3, dtype=dt, name=name())(h)
     if self.scale_by_sigma:
       h = h / labels.astype(h.dtype)[:, None, None, None]
     return h
