@@ -148,6 +148,8 @@ def main(argv):
   workdir = FLAGS.workdir or os.path.join(
       "runs", os.path.splitext(os.path.basename(config_flags.get_config_filename(
           FLAGS["config"])))[0])
+  from pndm_jax import host_memory  # pylint: disable=import-outside-toplevel
+  host_memory.keep_freed_memory()  # before jax starts its threads
   # Imported here so that `--help` and flag errors answer without loading jax.
   from pndm_jax import cli, distributed  # pylint: disable=import-outside-toplevel
   launch = distributed.Launch(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,

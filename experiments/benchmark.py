@@ -49,6 +49,10 @@ theirs: > 1 means ours is faster.
   `compiler_options.PROGRAMS` (on CPU: with the YNNPACK fusions), timed in the same turns:
   `speed_ratio_programs_over_xla_defaults` says what those options do for training.
 
+Both sides run in one process, with glibc's malloc set as `main.py` sets it
+(`host_memory.keep_freed_memory`: freed blocks are kept for reuse, not unmapped;
+`--nokeep_freed_memory` leaves glibc's defaults; the environment records which).
+
 With --dtype=bfloat16 ours computes in bfloat16 (float32 params); the torch network is converted
 to bfloat16 for the forward and sampling (the sampler state stays float32 on both sides) and
 trains under `torch.autocast`. Writes benchmark.json (the numbers, every repeat, and the
@@ -113,6 +117,7 @@ from pndm_jax import (  # noqa: E402
   convert,
   diffusers_scheduler,
   generation,
+  host_memory,
   models,
   sampler_spec,
   samplers,
@@ -136,6 +141,9 @@ flags.DEFINE_integer("repeats", 3, "Timed repeats of each measurement (the media
 flags.DEFINE_string("out", "experiments/results/benchmark", "Output directory.")
 flags.DEFINE_bool("train_only", False, "Only the training step (its three sides): a few minutes "
                   "where the whole run takes twenty.")
+flags.DEFINE_bool("keep_freed_memory", True, "Both sides run with glibc's malloc set to keep and "
+                  "reuse freed memory, as main.py does (pndm_jax/host_memory.py); false: "
+                  "glibc's defaults.")
 flags.DEFINE_bool("quick", False, "A tiny U-Net on 8x8 images, batch 2, 5 steps, 1 repeat "
                   "(unless given): for the tests.")
 FLAGS = flags.FLAGS
@@ -534,7 +542,8 @@ def tables(result: dict[str, Any]) -> str:
       f"{env['cpu_model']}; {env['num_devices']} x {', '.join(env['device_kinds'])} "
       f"({env['jax_backend']}), XLA:CPU threads {env['xla_cpu_threads']}, torch threads "
       f"{env['torch_num_threads']} on {env['torch_device']}; load average "
-      f"{env['loadavg_before'][0]:.2f} before, {env['loadavg_after'][0]:.2f} after. "
+      f"{env['loadavg_before'][0]:.2f} before, {env['loadavg_after'][0]:.2f} after; malloc "
+      f"{'keeps freed memory' if env.get('malloc_keeps_freed_memory') else 'as glibc defaults'}. "
       f"{s['num_params'] / 1e6:.1f}M-parameter U-Net on {s['image_size']}x{s['image_size']}, "
       f"{s['dtype']}, batch {s['batch']}, median of {s['repeats']} repeat(s).")
   speed_table = lambda rows: report.markdown_table(
@@ -589,6 +598,8 @@ def tables(result: dict[str, Any]) -> str:
 
 def main(argv):
   del argv
+  # both sides, before jax starts its threads
+  kept = FLAGS.keep_freed_memory and host_memory.keep_freed_memory()
   loadavg_before = os.getloadavg()
   batch, steps, repeats = (QUICK[name] if FLAGS.quick and not FLAGS[name].present
                            else FLAGS[name].value for name in ("batch", "steps", "repeats"))
@@ -635,7 +646,8 @@ def main(argv):
   result["train"] = bench.train_step()
   done("training step")
   result["environment"] = environment(mesh, threads, bench.device) | dict(
-      loadavg_before=loadavg_before, loadavg_after=os.getloadavg())
+      loadavg_before=loadavg_before, loadavg_after=os.getloadavg(),
+      malloc_keeps_freed_memory=kept)
 
   os.makedirs(FLAGS.out, exist_ok=True)
   with open(os.path.join(FLAGS.out, "benchmark.json"), "w") as f:

@@ -96,7 +96,7 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, groups: int,
                eps: float) -> jax.Array:
   """x [B, ..., C] normalised over each example's positions and the channels of each of
   `groups` channel groups, then * scale + bias per channel; all arrays in one dtype."""
-  return _normalize(x, *_group_stats(x, groups, eps)) * scale + bias
+  return _group_norm_fwd(x, scale, bias, groups, eps)[0]
 
 
 def _group_norm_fwd(x, scale, bias, groups, eps):
