@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import os
+import platform
 import subprocess
 import sys
 
@@ -189,6 +190,7 @@ def test_benchmark_quick(tmp_path):
   assert env["xla_cpu_threads"] == env["torch_num_threads"] >= 1
   assert len(env["loadavg_before"]) == len(env["loadavg_after"]) == 3
   assert env["cpu_model"] and env["date"] and "--quick" in env["argv"]
+  assert env["malloc_keeps_freed_memory"] == (platform.libc_ver()[0] == "glibc")  # Linux here
   assert set(env["versions"]) >= {"jax", "jaxlib", "torch", "diffusers"}
   table = open(tmp_path / "benchmark.md").read()
   assert "speed ratio ours / theirs" in table and "Produced by" in table
