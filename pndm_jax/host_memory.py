@@ -1,9 +1,9 @@
 """Host memory that XLA:CPU frees is kept for its next call instead of going back to the OS.
 
-XLA:CPU takes a program's temporaries as one block per call: about 500 MB for a training step
+XLA:CPU takes a program's temporaries as one block per call: about 500 MiB for a training step
 of the CIFAR-10 U-Net at batch 8. glibc's malloc hands a block that large, asked for by one of
 XLA's worker threads, straight to `mmap` and gives it back with `munmap` when the call ends, so
-every step touches ~125,000 fresh pages, each a page fault the kernel zero-fills: 0.2-0.6 s of
+every step touches ~127,000 fresh pages, each a page fault the kernel zero-fills: 0.2-0.6 s of
 system time per step on two cores, and the reason one step takes 1.7 s and the next 2.1 s.
 With one malloc arena, no `mmap` and no trimming, the block stays in the heap and the next call
 reuses it (docs/performance.md, "Host memory").
